@@ -1,0 +1,399 @@
+"""Command-line and YAML configuration: the argument dataclasses and the one precedence rule
+(dataclass defaults < ``--config file.yaml`` < command line)."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    """Which captioner to start from and how to load it."""
+
+    model_name_or_path: str = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of a BLIP or BLIP-2 captioner, e.g. Salesforce/blip-image-captioning-base, "
+            "Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl. Required."
+        },
+    )
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Processor (image processor + tokenizer) to use; defaults to the model's."}
+    )
+    revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are cached."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype to load the base weights in: float32, bfloat16, float16 or auto. Mixed precision "
+            "(--bf16) is separate; float32 keeps full-precision master weights.",
+            "choices": ["float32", "bfloat16", "float16", "auto"],
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run code shipped in the model repository. Off unless you trust the repo."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the images and captions come from and how they are split."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A dataset on the Hugging Face Hub with an image column and a caption column."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of --dataset_name."})
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local dataset folder: an image folder with metadata.jsonl/metadata.csv (optionally in "
+            "train/validation/test sub-folders), the Flickr8k Kaggle layout (Images/ + captions.txt), or a "
+            "Karpathy split file (dataset_coco.json, dataset_flickr8k.json, ...). The layout is detected; "
+            "--dataset_layout names it."
+        },
+    )
+    dataset_layout: str = field(
+        default="auto",
+        metadata={
+            "help": "Layout of --dataset_dir.",
+            "choices": ["auto", "imagefolder", "flickr8k", "karpathy"],
+        },
+    )
+    image_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder the image paths of a Karpathy split file are relative to (default: --dataset_dir)."},
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "A csv or jsonl file of training rows; image paths are relative to the file."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "A csv or jsonl file of validation rows."})
+    test_file: str | None = field(default=None, metadata={"help": "A csv or jsonl file of test rows."})
+    image_column: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the image (or its path). Default: image, file_name, image_path or filepath."},
+    )
+    caption_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding the caption: one string or a list of strings. Several columns may be given "
+            "comma-separated (caption_0,caption_1,...). Default: caption, captions, text or sentences."
+        },
+    )
+    image_id_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column identifying the image when a Hub dataset has one row per caption, so that an image's "
+            "rows become one image with several references. Local files are grouped by image path."
+        },
+    )
+    validation_split_percentage: float = field(
+        default=10.0,
+        metadata={"help": "Percent of the training images held out for validation when the source has no validation "
+                  "split. The split is by image, never by caption row."},
+    )
+    test_split_percentage: float = field(
+        default=10.0,
+        metadata={"help": "Percent of the training images held out for testing when the source has no test split."},
+    )
+    split_seed: int = field(
+        default=42, metadata={"help": "Seed of the by-image split, kept apart from --seed so runs stay comparable."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only this many training images (each keeps all its captions)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on only this many images."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Predict on only this many test images."})
+    max_caption_length: int = field(
+        default=64, metadata={"help": "Caption tokens kept per training row (prompt and special tokens not counted)."}
+    )
+    caption_prompt: str = field(
+        default="",
+        metadata={
+            "help": 'Text put before every caption, e.g. "a picture of " (BLIP) or "a photo of " (BLIP-2). It is '
+            "masked out of the loss, fed to generate, and stripped from generated captions."
+        },
+    )
+
+
+@dataclass
+class LoraArguments:
+    """Parameter-efficient fine-tuning and quantized loading."""
+
+    use_lora: bool = field(
+        default=True, metadata={"help": "Train LoRA adapters (default). --use_lora false fine-tunes the weights."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Linear layers to adapt, by name or name suffix (query value, q_proj v_proj, ...), or "
+            "all-linear. Default per family: BLIP text decoder query/value; BLIP-2 language-model attention "
+            "projections. Names may also be comma-separated."
+        },
+    )
+    lora_vision: bool = field(
+        default=False, metadata={"help": "Also put LoRA on the vision tower's attention (qkv, projection)."}
+    )
+    freeze_vision_tower: bool = field(
+        default=False, metadata={"help": "Full fine-tuning only: keep the vision tower's weights frozen."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the base weights in 8-bit (bitsandbytes LLM.int8); needs LoRA."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base weights in 4-bit NF4 (bitsandbytes, QLoRA); needs LoRA."}
+    )
+
+
+@dataclass
+class CaptioningArguments:
+    """How captions are generated and scored."""
+
+    num_beams: int | None = field(
+        default=None, metadata={"help": "Beams for generation (default per family: BLIP 3, BLIP-2 5, as in LAVIS)."}
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Longest generated caption in tokens (default: BLIP 20, BLIP-2 30)."}
+    )
+    min_new_tokens: int | None = field(
+        default=None, metadata={"help": "Shortest generated caption in tokens (default: BLIP 5, BLIP-2 8)."}
+    )
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Generation repetition penalty (LAVIS: 1.15)."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeating n-grams of this size (0: off)."})
+    length_penalty: float = field(default=1.0, metadata={"help": "Beam-search length penalty."})
+    compute_meteor: bool = field(
+        default=True, metadata={"help": "Score METEOR (needs Java; skipped with a warning when Java is missing)."}
+    )
+    eval_baseline: bool = field(
+        default=False,
+        metadata={"help": "Also evaluate the model before fine-tuning on the same split (baseline_results.json)."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without a better --metric_for_best_model."}
+    )
+
+
+@dataclass
+class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments with defaults changed for captioning. Every changed default is listed here:
+
+    - ``remove_unused_columns=False``: the collator needs the raw image and caption, which no model argument names.
+    - ``predict_with_generate=True``: evaluation scores generated captions.
+    - ``eval_strategy="epoch"``, ``save_strategy="epoch"``, ``load_best_model_at_end=True``,
+      ``metric_for_best_model="cider"``: keep the checkpoint with the best validation CIDEr-D.
+    - ``save_total_limit=2``: the best and the latest checkpoint.
+    - ``label_names=["labels"]``: the Trainer cannot infer them through a PeftModel (no eval loss otherwise).
+    - ``logging_steps=10``: small datasets log often enough to plot a curve.
+    - ``dataloader_num_workers=2``: images are decoded in worker processes.
+    - ``ddp_find_unused_parameters=False``: every trainable parameter takes part in the loss.
+    - ``dataloader_pin_memory=False`` when no GPU is present (pinning needs one).
+    """
+
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator needs the image and caption columns."}
+    )
+    predict_with_generate: bool = field(
+        default=True, metadata={"help": "Generate captions during evaluation and prediction (needed for metrics)."}
+    )
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint: no, steps or epoch."})
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Finish with the checkpoint that scored best on --metric_for_best_model."}
+    )
+    metric_for_best_model: str = field(default="cider", metadata={"help": "Validation metric that picks the best checkpoint."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept in output_dir (best + latest)."})
+    label_names: list[str] = field(default_factory=lambda: ["labels"], metadata={"help": "Batch keys holding labels."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "Processes that decode and preprocess images."})
+    ddp_find_unused_parameters: bool = field(
+        default=False, metadata={"help": "DDP search for unused parameters; not needed here, and slow."}
+    )
+
+    def __post_init__(self):
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, CaptioningArguments, CaptioningTrainingArguments)
+
+# Seq2SeqTrainingArguments flags that would silently disagree with ours: max_length counts BLIP-2's query tokens.
+_SUPERSEDED_FLAGS = {"generation_max_length": "--max_new_tokens", "generation_num_beams": "--num_beams"}
+
+
+def build_parser() -> HfArgumentParser:
+    """The parser behind ``run_captioning.py --help``."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="A YAML file of flag names and values. Precedence: defaults < YAML < command line.",
+    )
+    for action in parser._actions:
+        if action.dest in _SUPERSEDED_FLAGS:
+            action.help = f"Not used: give {_SUPERSEDED_FLAGS[action.dest]} instead."
+    return parser
+
+
+def yaml_to_argv(path: str | Path, parser: argparse.ArgumentParser) -> list[str]:
+    """Turn a YAML config into command-line tokens so that argparse applies its own types and checks.
+
+    Placed before the real command line, later tokens win, which gives the precedence rule.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config: no such file {str(path)!r}.")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not valid YAML: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(config).__name__}.")
+
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    unknown = sorted(key for key in config if key not in actions or key == "config")
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), list(actions), n=1)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else str(key))
+        raise ValueError(
+            f"--config {path}: unknown keys: {', '.join(hints)}. Keys are the command-line flag names; "
+            "see `python run_captioning.py --help`."
+        )
+
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        action = actions[key]
+        flag = f"--{key}"
+        if isinstance(value, list):
+            if action.nargs not in ("+", "*"):
+                raise ValueError(f"--config {path}: {key} takes one value, got a list {value!r}.")
+            argv += [flag, *(str(item) for item in value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        elif isinstance(value, bool):
+            argv += [flag, "true" if value else "false"]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse the command line (and ``--config``) into the five argument dataclasses."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    config_path = _find_config(argv)
+    if config_path is not None:
+        argv = yaml_to_argv(config_path, parser) + argv
+    model_args, data_args, lora_args, caption_args, training_args, _rest = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False
+    )
+    for name, replacement in _SUPERSEDED_FLAGS.items():
+        if getattr(training_args, name) is not None:
+            raise ValueError(f"--{name} is not used by this script; give {replacement} instead.")
+    return model_args, data_args, lora_args, caption_args, training_args
+
+
+def _find_config(argv: list[str]) -> str | None:
+    for i, token in enumerate(argv):
+        if token == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a path to a YAML file.")
+            return argv[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def split_comma_list(values: list[str] | None) -> list[str] | None:
+    """``["query,value"]`` and ``["query", "value"]`` both mean ``["query", "value"]``."""
+    if values is None:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def flag_names() -> set[str]:
+    """Every flag name the parser knows (used to check configs)."""
+    return {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)} | {"config"}
+
+
+def validate_args(model_args, data_args, lora_args, caption_args, training_args) -> None:
+    """Checks that need no data and no model, run before anything expensive. Errors name the flag and the fix."""
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required (a Hub id such as Salesforce/blip-image-captioning-base "
+                         "or a local checkpoint folder).")
+    sources = [name for name in ("dataset_name", "dataset_dir") if getattr(data_args, name)]
+    if any(getattr(data_args, name) for name in ("train_file", "validation_file", "test_file")):
+        sources.append("train_file/validation_file/test_file")
+    if len(sources) != 1:
+        found = f"got {', '.join('--' + s for s in sources)}" if sources else "got none"
+        raise ValueError(f"Give exactly one data source: --dataset_name, --dataset_dir or --train_file/"
+                         f"--validation_file/--test_file ({found}).")
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+    for name in ("validation_split_percentage", "test_split_percentage"):
+        value = getattr(data_args, name)
+        if not 0 <= value < 100:
+            raise ValueError(f"--{name} {value}: must be at least 0 and below 100.")
+    if data_args.validation_split_percentage + data_args.test_split_percentage >= 100:
+        raise ValueError("--validation_split_percentage + --test_split_percentage must leave images for training "
+                         "(their sum must be below 100).")
+    for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} {value}: must be a positive number of images (or left unset).")
+    if data_args.max_caption_length < 1:
+        raise ValueError(f"--max_caption_length {data_args.max_caption_length}: must be at least 1.")
+
+    if lora_args.load_in_8bit and lora_args.load_in_4bit:
+        raise ValueError("--load_in_8bit and --load_in_4bit exclude each other: pick one.")
+    if (lora_args.load_in_8bit or lora_args.load_in_4bit) and not lora_args.use_lora:
+        raise ValueError("8-bit/4-bit weights cannot be fine-tuned directly: keep --use_lora true (the default) "
+                         "or drop --load_in_8bit/--load_in_4bit for full fine-tuning.")
+    if lora_args.use_lora:
+        if lora_args.freeze_vision_tower:
+            raise ValueError("--freeze_vision_tower is for full fine-tuning (--use_lora false); with LoRA the base "
+                             "weights, vision tower included, are already frozen.")
+        if lora_args.lora_r < 1 or lora_args.lora_alpha <= 0:
+            raise ValueError(f"--lora_r {lora_args.lora_r} / --lora_alpha {lora_args.lora_alpha}: both must be "
+                             "positive.")
+        if not 0 <= lora_args.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout {lora_args.lora_dropout}: must be in [0, 1).")
+    elif lora_args.lora_vision or lora_args.lora_target_modules:
+        raise ValueError("--lora_vision / --lora_target_modules need --use_lora true.")
+
+    if caption_args.num_beams is not None and caption_args.num_beams < 1:
+        raise ValueError(f"--num_beams {caption_args.num_beams}: must be at least 1.")
+    if caption_args.max_new_tokens is not None and caption_args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {caption_args.max_new_tokens}: must be at least 1.")
+    if (caption_args.min_new_tokens is not None and caption_args.max_new_tokens is not None
+            and caption_args.min_new_tokens > caption_args.max_new_tokens):
+        raise ValueError(f"--min_new_tokens {caption_args.min_new_tokens} exceeds --max_new_tokens "
+                         f"{caption_args.max_new_tokens}.")
+    if caption_args.early_stopping_patience is not None:
+        if caption_args.early_stopping_patience < 1:
+            raise ValueError("--early_stopping_patience must be at least 1.")
+        if not training_args.load_best_model_at_end:
+            raise ValueError("--early_stopping_patience needs --load_best_model_at_end true (the default).")
+
+    metric = training_args.metric_for_best_model
+    known = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "loss"}
+    if metric is not None and metric.removeprefix("eval_") not in known:
+        raise ValueError(f"--metric_for_best_model {metric!r}: choose one of {', '.join(sorted(known))}.")
+    if metric is not None and metric.removeprefix("eval_") == "meteor" and not caption_args.compute_meteor:
+        raise ValueError("--metric_for_best_model meteor needs --compute_meteor true.")

@@ -1,0 +1,714 @@
+"""Caption data: load a Hub dataset, csv/jsonl files or a local dataset folder into per-image splits (split by
+image, never by caption row), and the two views the trainer reads: caption pairs for training, images with all
+their references for evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from .arguments import DataArguments
+from .images import load_image
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+DEFAULT_IMAGE_COLUMNS = ("image", "file_name", "image_path", "filepath")
+DEFAULT_CAPTION_COLUMNS = ("caption", "captions", "text", "sentences")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGEFOLDER_SPLIT_DIRS = ("train", "validation", "val", "valid", "dev", "test")
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
+TABLE_EXTENSIONS = (".csv", ".jsonl")
+IMAGES_CHECKED = 20  # a wrong image root is caught from the first images alone; no stat of every file
+
+REFERENCES_FEATURE = datasets.List(datasets.Value("string"))
+LOCAL_FEATURES = datasets.Features(
+    {"image": datasets.Value("string"), "references": REFERENCES_FEATURE, "image_id": datasets.Value("string")}
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public interface
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_caption_splits(data_args: DataArguments, *, cache_dir: str | None = None) -> dict[str, datasets.Dataset]:
+    """Load the configured source and return per-image splits, keys among "train", "validation", "test".
+
+    Every split has the columns ``image`` (path or ``Image(decode=False)`` value), ``references`` (list of
+    captions) and ``image_id``. No image is opened here; ``CaptionPairs``/``CaptionImages`` decode them.
+    """
+    source = check_source(data_args)
+    if source == "dataset_name":
+        splits = load_hub_splits(data_args, cache_dir=cache_dir)
+    elif source == "files":
+        splits = load_file_splits(data_args)
+    else:
+        splits = load_dir_splits(data_args)
+    if not splits:
+        raise ValueError(f"{_describe_source(data_args)}: found no train, validation or test split.")
+    splits = split_by_image(splits, data_args)
+    splits = limit_samples(splits, data_args)
+    for name in SPLITS:
+        if name in splits:
+            captions = sum(len(refs) for refs in _column(splits[name], "references"))
+            logger.info("%s split: %d images, %d captions", name, len(splits[name]), captions)
+    return {name: splits[name] for name in SPLITS if name in splits}
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """Training view: one row per (image, caption) pair of a per-image dataset.
+
+    ``image_index[i]`` is the per-image row of pair ``i`` and ``caption_index[i]`` which of its references it is;
+    the pairs of one image are contiguous, in reference order.
+    """
+
+    def __init__(self, images: datasets.Dataset):
+        self.images = images
+        counts = np.array([len(refs) for refs in _column(images, "references")], dtype=np.int64)
+        self.image_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        starts = np.cumsum(counts) - counts
+        self.caption_index = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image_index = int(self.image_index[i])
+        row = self.images[image_index]
+        return {
+            "image": load_image(row["image"]),
+            "caption": row["references"][int(self.caption_index[i])],
+            "image_index": image_index,
+        }
+
+
+class CaptionImages(torch.utils.data.Dataset):
+    """Evaluation view: one row per image, carrying no caption (its references stay in ``self.references``)."""
+
+    def __init__(self, images: datasets.Dataset):
+        self.images = images
+        columns = _columns(images, ["references", "image_id"])
+        self.references: list[list[str]] = columns["references"]
+        self.image_ids: list[str] = columns["image_id"]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        return {"image": load_image(self.images[i]["image"]), "image_index": i}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Source selection
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_source(data_args: DataArguments) -> str:
+    """Return which source is configured ("dataset_name", "files" or "dataset_dir"); exactly one must be."""
+    given = []
+    if data_args.dataset_name:
+        given.append("dataset_name")
+    if data_args.train_file or data_args.validation_file or data_args.test_file:
+        given.append("files")
+    if data_args.dataset_dir:
+        given.append("dataset_dir")
+    flags = "--dataset_name, --dataset_dir or --train_file/--validation_file/--test_file"
+    if not given:
+        raise ValueError(f"No data source given: set one of {flags}.")
+    if len(given) > 1:
+        names = ", ".join("--train_file/--validation_file/--test_file" if g == "files" else f"--{g}" for g in given)
+        raise ValueError(f"Several data sources given ({names}): set only one of {flags}.")
+    if data_args.image_dir and given[0] != "dataset_dir":
+        logger.warning("--image_dir is only used with a Karpathy --dataset_dir; ignored.")
+    if data_args.image_id_column and given[0] != "dataset_name":
+        logger.warning("--image_id_column is only used with --dataset_name; local rows are grouped by image path.")
+    return given[0]
+
+
+def _describe_source(data_args: DataArguments) -> str:
+    if data_args.dataset_name:
+        return f"--dataset_name {data_args.dataset_name}"
+    if data_args.dataset_dir:
+        return f"--dataset_dir {data_args.dataset_dir}"
+    return "--train_file/--validation_file/--test_file"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Captions and columns
+# --------------------------------------------------------------------------------------------------------------
+
+
+def clean_captions(cells: Iterable[Any], where: str) -> list[str]:
+    """Flatten caption cells (strings or lists of strings) into stripped, non-empty captions."""
+    captions = []
+    for cell in cells:
+        if cell is None:
+            continue
+        values = cell if isinstance(cell, list | tuple) else [cell]
+        for value in values:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{where}: a caption is a {type(value).__name__} ({value!r}); expected a string or a list of "
+                    "strings. Set --caption_column to the column(s) holding caption text."
+                )
+            value = value.strip()
+            if value:
+                captions.append(value)
+    return captions
+
+
+def parse_csv_caption(cell: str | None) -> str | list | None:
+    """A csv caption cell: a plain string, or a JSON list string like ``["a", "b"]``."""
+    if cell is None:
+        return None
+    text = cell.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return cell
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+    return cell
+
+
+def resolve_image_column(columns: Sequence[str], image_column: str | None, where: str) -> str:
+    """The image column: ``--image_column`` or the first default column present."""
+    return _resolve_columns(columns, image_column, DEFAULT_IMAGE_COLUMNS, "--image_column", where)[0]
+
+
+def resolve_caption_columns(columns: Sequence[str], caption_column: str | None, where: str) -> list[str]:
+    """The caption column(s): ``--caption_column`` (comma-separated allowed) or the first default present."""
+    return _resolve_columns(columns, caption_column, DEFAULT_CAPTION_COLUMNS, "--caption_column", where)
+
+
+def _resolve_columns(
+    columns: Sequence[str], requested: str | None, defaults: Sequence[str], flag: str, where: str
+) -> list[str]:
+    available = ", ".join(columns) or "none"
+    if requested:
+        names = [name.strip() for name in requested.split(",") if name.strip()]
+        missing = [name for name in names if name not in columns]
+        if missing or not names:
+            raise ValueError(
+                f"{where} has no column {', '.join(map(repr, missing or [requested]))} (columns: {available}); "
+                f"set {flag} to one of them."
+            )
+        return names
+    for name in defaults:
+        if name in columns:
+            return [name]
+    raise ValueError(
+        f"{where} has none of the default columns {', '.join(defaults)} (columns: {available}); "
+        f"set {flag} to the right one."
+    )
+
+
+def _column(dataset: datasets.Dataset, name: str) -> list:
+    return _columns(dataset, [name])[name]
+
+
+def _columns(dataset: datasets.Dataset, names: list[str]) -> dict[str, list]:
+    """Read whole text columns at once, without touching (or decoding) the image column."""
+    return dataset.select_columns(names)[:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hugging Face Hub
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_hub_splits(data_args: DataArguments, *, cache_dir: str | None = None) -> dict[str, datasets.Dataset]:
+    """Load ``--dataset_name`` and turn each train/validation/test split into a per-image dataset."""
+    loaded = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    splits: dict[str, datasets.Dataset] = {}
+    for split_name, dataset in loaded.items():
+        target = SPLIT_ALIASES.get(str(split_name).lower())
+        if target is None:
+            logger.info("Ignoring split %r of %s (not train, validation or test).", split_name, data_args.dataset_name)
+            continue
+        if target in splits:
+            logger.warning(
+                "Ignoring split %r of %s: another split already gave %s.", split_name, data_args.dataset_name, target
+            )
+            continue
+        where = f"--dataset_name {data_args.dataset_name} (split {split_name!r})"
+        splits[target] = hub_split_to_images(dataset, data_args, where)
+    return splits
+
+
+def hub_split_to_images(dataset: datasets.Dataset, data_args: DataArguments, where: str) -> datasets.Dataset:
+    """One Hub split as a per-image dataset; rows sharing ``--image_id_column`` become one image."""
+    columns = dataset.column_names
+    image_column = resolve_image_column(columns, data_args.image_column, where)
+    caption_columns = resolve_caption_columns(columns, data_args.caption_column, where)
+    id_column = data_args.image_id_column
+    if id_column and id_column not in columns:
+        raise ValueError(
+            f"{where} has no column {id_column!r} (columns: {', '.join(columns)}); set --image_id_column to one of "
+            "them, or leave it unset when each row is one image."
+        )
+    feature = dataset.features[image_column]
+    is_path = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if not isinstance(feature, datasets.Image) and not is_path:
+        raise ValueError(
+            f"{where}: column {image_column!r} holds {feature}, not images; set --image_column to the image column."
+        )
+
+    text = _columns(dataset, list(dict.fromkeys(caption_columns + ([id_column] if id_column else []))))
+    keys = [str(value) for value in text[id_column]] if id_column else [str(row) for row in range(len(dataset))]
+    first_rows, references, image_ids = _group_rows(keys, text, caption_columns, where)
+
+    keep = [i for i, refs in enumerate(references) if refs]
+    _warn_dropped(len(references) - len(keep), where)
+    if not keep:
+        raise ValueError(
+            f"{where}: no row has a non-empty caption in {', '.join(caption_columns)}; set --caption_column."
+        )
+    rows = [first_rows[i] for i in keep]
+    images = dataset.select_columns([image_column])
+    if rows != list(range(len(dataset))):
+        images = images.select(rows)
+    if image_column != "image":
+        images = images.rename_column(image_column, "image")
+    if isinstance(feature, datasets.Image):
+        images = images.cast_column("image", datasets.Image(decode=False))
+    images = images.add_column("references", [references[i] for i in keep], feature=REFERENCES_FEATURE)
+    return images.add_column("image_id", [image_ids[i] for i in keep], feature=datasets.Value("string"))
+
+
+def _group_rows(
+    keys: list[str], text: dict[str, list], caption_columns: list[str], where: str
+) -> tuple[list[int], list[list[str]], list[str]]:
+    """Group rows by key in order of first appearance: (first row, concatenated references, key) per group."""
+    group_of: dict[str, int] = {}
+    first_rows: list[int] = []
+    references: list[list[str]] = []
+    for row, key in enumerate(keys):
+        captions = clean_captions((text[column][row] for column in caption_columns), f"{where}, row {row}")
+        if key in group_of:
+            references[group_of[key]].extend(captions)
+            continue
+        group_of[key] = len(first_rows)
+        first_rows.append(row)
+        references.append(captions)
+    return first_rows, references, list(group_of)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Local images grouped by path (csv/jsonl files, image folders, Flickr8k, Karpathy)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ImageTable:
+    """Caption rows of local images, grouped by absolute image path in order of first appearance."""
+
+    def __init__(self, where: str, root_hint: str):
+        self.where = where
+        self.root_hint = root_hint
+        self.paths: list[str] = []
+        self.image_ids: list[str] = []
+        self.references: list[list[str]] = []
+        self._index: dict[str, int] = {}
+
+    def add(self, path: str, image_id: str, captions: list[str]) -> None:
+        index = self._index.get(path)
+        if index is None:
+            self._index[path] = len(self.paths)
+            self.paths.append(path)
+            self.image_ids.append(image_id)
+            self.references.append(list(captions))
+        else:
+            self.references[index].extend(captions)
+
+    def to_dataset(self) -> datasets.Dataset:
+        """The per-image dataset; images without captions are dropped, and a wrong image root is an error."""
+        keep = [i for i, refs in enumerate(self.references) if refs]
+        _warn_dropped(len(self.references) - len(keep), self.where)
+        if not keep:
+            raise ValueError(f"{self.where}: no image has a non-empty caption; check the file or --caption_column.")
+        paths = [self.paths[i] for i in keep]
+        check_image_root(paths, self.where, self.root_hint)
+        mapping = {
+            "image": paths,
+            "references": [self.references[i] for i in keep],
+            "image_id": [self.image_ids[i] for i in keep],
+        }
+        return datasets.Dataset.from_dict(mapping, features=LOCAL_FEATURES)
+
+
+def check_image_root(paths: Sequence[str], where: str, hint: str) -> None:
+    """Raise if none of the first images exists: the image root is wrong (bad files are found later, not here)."""
+    checked = paths[:IMAGES_CHECKED]
+    if checked and not any(os.path.isfile(path) for path in checked):
+        raise ValueError(f"{where}: none of the first {len(checked)} images exists (e.g. {checked[0]!r}). {hint}")
+
+
+def _warn_dropped(count: int, where: str) -> None:
+    if count:
+        logger.warning("%s: dropped %d image(s) with no non-empty caption.", where, count)
+
+
+def table_from_rows(
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    root: Path,
+    data_args: DataArguments,
+    where: str,
+    root_hint: str,
+    parse_cell=None,
+) -> ImageTable:
+    """Group tabular caption rows by image path; relative paths are resolved against ``root``."""
+    image_column = resolve_image_column(columns, data_args.image_column, where)
+    caption_columns = resolve_caption_columns(columns, data_args.caption_column, where)
+    table = ImageTable(where, root_hint)
+    for number, row in enumerate(rows, start=1):
+        value = row.get(image_column)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(
+                f"{where}, row {number}: column {image_column!r} must hold an image path, got {value!r}. "
+                "Fix the row or set --image_column."
+            )
+        cells = (row.get(column) for column in caption_columns)
+        if parse_cell is not None:
+            cells = (parse_cell(cell) for cell in cells)
+        path, image_id = _resolve_path(root, value.strip())
+        table.add(path, image_id, clean_captions(cells, f"{where}, row {number}"))
+    return table
+
+
+def _resolve_path(root: Path, value: str) -> tuple[str, str]:
+    """(absolute path, image id): relative paths are joined to ``root``; the id is the path as written, normalized."""
+    if os.path.isabs(value):
+        return os.path.normpath(value), value
+    return os.path.abspath(os.path.join(root, value)), Path(os.path.normpath(value)).as_posix()
+
+
+def read_table(path: Path, where: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Read a csv or jsonl file (decided by extension) into (column names, rows)."""
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_EXTENSIONS:
+        raise ValueError(
+            f"{where}: unsupported extension {path.suffix!r}; "
+            "give a .csv file or a .jsonl file (one JSON object per line)."
+        )
+    if not path.is_file():
+        raise ValueError(f"{where}: no such file {str(path)!r}.")
+    columns, rows = _read_csv(path) if suffix == ".csv" else _read_jsonl(path, where)
+    if not rows:
+        raise ValueError(f"{where}: the file has no rows.")
+    return columns, rows
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _read_jsonl(path: Path, where: str) -> tuple[list[str], list[dict[str, Any]]]:
+    rows, columns = [], {}
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{where}, line {number}: not valid JSON ({error}); expected one object per line."
+                ) from error
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}, line {number}: expected a JSON object, got {type(row).__name__}.")
+            columns.update(dict.fromkeys(row))
+            rows.append(row)
+    return list(columns), rows
+
+
+def load_table_file(path: Path, data_args: DataArguments, where: str, root_hint: str) -> datasets.Dataset:
+    """A csv/jsonl file of caption rows as a per-image dataset; image paths are relative to the file's folder."""
+    columns, rows = read_table(path, where)
+    parse_cell = parse_csv_caption if path.suffix.lower() == ".csv" else None
+    table = table_from_rows(rows, columns, path.parent, data_args, where, root_hint, parse_cell)
+    return table.to_dataset()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --train_file / --validation_file / --test_file
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_file_splits(data_args: DataArguments) -> dict[str, datasets.Dataset]:
+    """Load the given csv/jsonl split files."""
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    splits = {}
+    for split, file in files.items():
+        if not file:
+            continue
+        flag = f"--{split}_file"
+        hint = f"Image paths are relative to the folder of {file}; fix the paths or the file given to {flag}."
+        splits[split] = load_table_file(Path(file), data_args, f"{flag} {file}", hint)
+    return splits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --dataset_dir: Karpathy, Flickr8k, image folder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_dir_splits(data_args: DataArguments) -> dict[str, datasets.Dataset]:
+    """Load ``--dataset_dir`` in its ``--dataset_layout`` (detected when "auto")."""
+    root = Path(data_args.dataset_dir)
+    if not root.exists():
+        raise ValueError(f"--dataset_dir {root}: no such file or folder.")
+    layout = data_args.dataset_layout
+    karpathy = None
+    if layout == "auto":
+        layout, karpathy = detect_layout(root)
+        logger.info("--dataset_dir %s: detected the %s layout.", root, layout)
+    elif layout == "karpathy":
+        karpathy = find_karpathy_file(root, required=True)
+    elif root.is_file():
+        raise ValueError(f"--dataset_dir {root} is a file; the {layout} layout needs a folder.")
+    if layout == "karpathy":
+        return load_karpathy(*karpathy, data_args)
+    if data_args.image_dir:
+        logger.warning("--image_dir is only used with the karpathy layout; ignored for %s.", layout)
+    if layout == "flickr8k":
+        return load_flickr8k(root)
+    if layout == "imagefolder":
+        return load_imagefolder(root, data_args)
+    raise ValueError(f"--dataset_layout {layout!r}: unknown; use auto, imagefolder, flickr8k or karpathy.")
+
+
+def detect_layout(root: Path) -> tuple[str, tuple[Path, dict] | None]:
+    """Detect the layout of a dataset folder: Karpathy file, then Flickr8k, then image folder."""
+    karpathy = find_karpathy_file(root, required=False)
+    if karpathy is not None:
+        return "karpathy", karpathy
+    if _is_flickr8k(root):
+        return "flickr8k", None
+    if _imagefolder_metadata(root):
+        return "imagefolder", None
+    raise ValueError(
+        f"--dataset_dir {root}: could not detect the dataset layout. Looked for: a Karpathy split file "
+        "dataset_*.json with an 'images' key; captions.txt next to an Images/ folder (Flickr8k); metadata.jsonl or "
+        "metadata.csv at the top or in train/, validation/ (val/, valid/, dev/), test/ sub-folders (image folder). "
+        "Fix --dataset_dir or set --dataset_layout to karpathy, flickr8k or imagefolder."
+    )
+
+
+def find_karpathy_file(root: Path, *, required: bool) -> tuple[Path, dict] | None:
+    """The Karpathy split file (path, parsed JSON): ``root`` itself or the one ``dataset_*.json`` in it."""
+    candidates = [root] if root.is_file() else sorted(root.glob("dataset_*.json"))
+    found = []
+    for path in candidates:
+        document = _read_json(path)
+        if isinstance(document, dict) and isinstance(document.get("images"), list):
+            found.append((path, document))
+    if len(found) > 1:
+        names = ", ".join(path.name for path, _ in found)
+        raise ValueError(f"--dataset_dir {root}: several Karpathy split files ({names}); point --dataset_dir at one.")
+    if found:
+        return found[0]
+    if required:
+        raise ValueError(
+            f"--dataset_dir {root}: no Karpathy split file (dataset_*.json with an 'images' list); point "
+            "--dataset_dir at the file or its folder, or set another --dataset_layout."
+        )
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--dataset_dir: {path} is not valid JSON ({error}).") from error
+
+
+def load_karpathy(path: Path, document: dict, data_args: DataArguments) -> dict[str, datasets.Dataset]:
+    """Karpathy split file: its "split" field gives the splits (restval joins train, val is validation)."""
+    image_root = Path(data_args.image_dir) if data_args.image_dir else (path.parent if path.is_file() else path)
+    where = f"--dataset_dir {data_args.dataset_dir} ({path.name})"
+    hint = (
+        f"Image paths are {image_root}/<filepath>/<filename>; set --image_dir to the folder that holds them "
+        "(default: --dataset_dir)."
+    )
+    tables = {split: ImageTable(f"{where}, {split} split", hint) for split in SPLITS}
+    unknown = 0
+    for number, entry in enumerate(document["images"]):
+        split = KARPATHY_SPLITS.get(str(entry.get("split")))
+        if split is None:
+            unknown += 1
+            continue
+        filename = entry.get("filename")
+        if not isinstance(filename, str) or not filename:
+            raise ValueError(f"{where}, images[{number}]: no 'filename'; is this a Karpathy split file?")
+        relative = Path(entry.get("filepath") or "") / filename
+        sentences = entry.get("sentences") or []
+        raws = [s.get("raw") if isinstance(s, dict) else s for s in sentences]
+        captions = clean_captions(raws, f"{where}, images[{number}] ({relative.as_posix()})")
+        table = tables[split]
+        table.add(os.path.abspath(image_root / relative), relative.as_posix(), captions)
+    if unknown:
+        logger.warning("%s: skipped %d image(s) whose split is not train, restval, val or test.", where, unknown)
+    return {split: table.to_dataset() for split, table in tables.items() if table.paths}
+
+
+def _is_flickr8k(root: Path) -> bool:
+    return (root / "captions.txt").is_file() and (root / "Images").is_dir()
+
+
+def load_flickr8k(root: Path) -> dict[str, datasets.Dataset]:
+    """Flickr8k (Kaggle layout): ``captions.txt`` ("image,caption", unquoted captions) and ``Images/``; one split."""
+    captions_file = root / "captions.txt"
+    if not _is_flickr8k(root):
+        raise ValueError(
+            f"--dataset_dir {root}: the flickr8k layout needs captions.txt and an Images/ folder; "
+            "fix --dataset_dir or set another --dataset_layout."
+        )
+    where = f"--dataset_dir {root} (captions.txt)"
+    table = ImageTable(where, f"Expected the images in {root / 'Images'}; fix --dataset_dir.")
+    with open(captions_file, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line or (number == 1 and line.replace(" ", "").lower() == "image,caption"):
+                continue
+            name, comma, caption = line.partition(",")  # captions hold commas and are not quoted
+            if not comma or not name.strip():
+                raise ValueError(f"{where}, line {number}: expected 'image,caption', got {line[:80]!r}.")
+            image_id = f"Images/{name.strip()}"
+            table.add(os.path.abspath(root / image_id), image_id, clean_captions([caption], f"{where}, line {number}"))
+    return {"train": table.to_dataset()}
+
+
+def _imagefolder_metadata(root: Path) -> dict[str, Path]:
+    """Metadata file per split: the top-level one (as train), else those of the split sub-folders."""
+    top = _metadata_file(root)
+    if top is not None:
+        return {"train": top}
+    found: dict[str, Path] = {}
+    for folder in IMAGEFOLDER_SPLIT_DIRS:
+        metadata = _metadata_file(root / folder)
+        if metadata is None:
+            continue
+        split = SPLIT_ALIASES[folder]
+        if split in found:
+            logger.warning(
+                "--dataset_dir %s: ignoring %s; %s already gave the %s split.", root, metadata, found[split], split
+            )
+            continue
+        found[split] = metadata
+    return found
+
+
+def _metadata_file(folder: Path) -> Path | None:
+    present = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if len(present) > 1:
+        raise ValueError(f"--dataset_dir: {folder} holds both metadata.jsonl and metadata.csv; keep one.")
+    return present[0] if present else None
+
+
+def load_imagefolder(root: Path, data_args: DataArguments) -> dict[str, datasets.Dataset]:
+    """Image folder: ``metadata.jsonl``/``metadata.csv`` (file_name + captions) at the top or per split sub-folder."""
+    metadata = _imagefolder_metadata(root)
+    if not metadata:
+        raise ValueError(
+            f"--dataset_dir {root}: no metadata.jsonl or metadata.csv at the top or in train/, validation/ "
+            "(val/, valid/, dev/), test/; fix --dataset_dir or set another --dataset_layout."
+        )
+    splits = {}
+    for split, path in metadata.items():
+        where = f"--dataset_dir {root} ({path.relative_to(root).as_posix()})"
+        hint = f"file_name paths are relative to {path.parent}; fix them or --dataset_dir."
+        splits[split] = load_table_file(path, data_args, where, hint)
+    return splits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------------------
+
+
+def split_by_image(splits: dict[str, datasets.Dataset], data_args: DataArguments) -> dict[str, datasets.Dataset]:
+    """Carve the missing test, then validation split out of train, by image (never by caption row)."""
+    percentages = {"test": data_args.test_split_percentage, "validation": data_args.validation_split_percentage}
+    for split, percent in percentages.items():
+        if not 0 <= percent < 100:
+            raise ValueError(f"--{_percent_flag(split)} {percent}: must be at least 0 and below 100.")
+    wanted = {split: pct for split, pct in percentages.items() if split not in splits and pct > 0}
+    if "train" not in splits or not wanted:
+        return splits
+    train = splits["train"]
+    n = len(train)
+    sizes = {split: _carve_size(n, pct) for split, pct in wanted.items()}
+    flags = " and ".join(f"--{_percent_flag(split)} {pct:g}" for split, pct in wanted.items())
+    if any(size == 0 for size in sizes.values()) or sum(sizes.values()) >= n:
+        raise ValueError(
+            f"The training split has {n} images, too few to hold out {flags} by image "
+            f"({', '.join(f'{split}: {size}' for split, size in sizes.items())} images). Lower the percentages, "
+            "set them to 0, or give validation/test data."
+        )
+    order = np.random.default_rng(data_args.split_seed).permutation(n)
+    carved, start = {}, 0
+    for split in ("test", "validation"):
+        if split in sizes:
+            carved[split] = np.sort(order[start : start + sizes[split]])
+            start += sizes[split]
+    result = dict(splits)
+    result["train"] = train.select(np.sort(order[start:]).tolist())
+    for split, indices in carved.items():
+        result[split] = train.select(indices.tolist())
+        logger.info("Held out %d of %d training images as the %s split.", len(indices), n, split)
+    return result
+
+
+def _carve_size(n: int, percent: float) -> int:
+    size = int(round(n * percent / 100))
+    return max(size, 1) if percent > 0 and n >= 3 else size
+
+
+def _percent_flag(split: str) -> str:
+    return f"{split}_split_percentage"
+
+
+def limit_samples(splits: dict[str, datasets.Dataset], data_args: DataArguments) -> dict[str, datasets.Dataset]:
+    """Apply ``--max_train_samples``/``--max_eval_samples``/``--max_predict_samples``: the first N images."""
+    limits = {
+        "train": ("max_train_samples", data_args.max_train_samples),
+        "validation": ("max_eval_samples", data_args.max_eval_samples),
+        "test": ("max_predict_samples", data_args.max_predict_samples),
+    }
+    result = dict(splits)
+    for split, (flag, limit) in limits.items():
+        if limit is None:
+            continue
+        if limit < 1:
+            raise ValueError(f"--{flag} {limit}: must be a positive number of images (or unset for all).")
+        if split in result and limit < len(result[split]):
+            result[split] = result[split].select(range(limit))
+    return result

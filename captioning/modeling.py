@@ -1,0 +1,208 @@
+"""Loading the captioner: processor, quantization, LoRA targets and adapters, or full fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+
+from captioning.arguments import LoraArguments, ModelArguments, split_comma_list
+from captioning.families import ModelFamily
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEAR = "all-linear"
+# Output heads stay out of "all-linear": adapting the vocabulary projection is rarely wanted (PEFT excludes it too).
+_HEAD_NAMES = ("lm_head", "cls.predictions.decoder")
+
+
+def load_config(model_args: ModelArguments):
+    return AutoConfig.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.revision,
+        cache_dir=model_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def load_processor(model_args: ModelArguments):
+    """The checkpoint's processor (image processor + tokenizer); the torchvision-backed one when available."""
+    return AutoProcessor.from_pretrained(
+        model_args.processor_name_or_path or model_args.model_name_or_path,
+        revision=model_args.revision,
+        cache_dir=model_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def build_quantization_config(lora_args: LoraArguments) -> BitsAndBytesConfig | None:
+    """``--load_in_8bit`` / ``--load_in_4bit`` as a bitsandbytes config (NF4 with double quantization for 4-bit)."""
+    if lora_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if lora_args.load_in_4bit:
+        compute_dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return None
+
+
+def build_lora_config(lora_args: LoraArguments, target_modules: list[str]) -> LoraConfig:
+    """No ``task_type``: PEFT's task wrappers change the forward signature and break BLIP."""
+    return LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=target_modules,
+        bias="none",
+    )
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Full names of every Linear layer (bitsandbytes' 8/4-bit layers subclass ``nn.Linear``)."""
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def resolve_lora_targets(model: torch.nn.Module, family: ModelFamily, lora_args: LoraArguments) -> list[str]:
+    """Full module names that get LoRA adapters.
+
+    Requested names match a Linear layer by its full name or name suffix (``query`` matches
+    ``...attention.self.query``). Without ``--lora_vision`` the vision tower is left out; a requested name that
+    matches nothing is an error listing the model's Linear layer names.
+    """
+    requested = split_comma_list(lora_args.lora_target_modules) or list(family.lora_target_modules)
+    linear = [name for name in linear_module_names(model) if not name.endswith(_HEAD_NAMES)]
+    candidates = [name for name in linear if not name.startswith(family.vision_prefix)]
+    if lora_args.lora_target_modules is None:  # family defaults live on the language side only
+        candidates = [name for name in candidates if name.startswith(family.language_prefix)]
+
+    if requested == [ALL_LINEAR]:
+        targets = candidates
+    else:
+        targets = []
+        for wanted in requested:
+            matched = [name for name in candidates if name == wanted or name.endswith("." + wanted)]
+            if not matched:
+                raise ValueError(
+                    f"--lora_target_modules: {wanted!r} matches no Linear layer outside the vision tower of this "
+                    f"{family.name} model (--lora_vision adds the vision tower's attention). "
+                    f"Its Linear layers are named: {', '.join(_short_names(model))}. Use those names, full module "
+                    f"names, or {ALL_LINEAR}."
+                )
+            targets += [name for name in matched if name not in targets]
+    if lora_args.lora_vision:
+        vision = [
+            name
+            for name in linear
+            if name.startswith(family.vision_prefix) and name.endswith(family.vision_lora_target_modules)
+        ]
+        targets += [name for name in vision if name not in targets]
+    return targets
+
+
+def _short_names(model: torch.nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_module_names(model)})
+
+
+def _dtype(name: str):
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model(
+    model_args: ModelArguments,
+    lora_args: LoraArguments,
+    config: PretrainedConfig,
+    family: ModelFamily,
+) -> PreTrainedModel | PeftModel:
+    """Load the checkpoint in the family's class; quantize, add LoRA adapters or set up full fine-tuning."""
+    quantization_config = build_quantization_config(lora_args)
+    # One copy per process: device_map="auto" would shard a quantized model across GPUs, which DDP cannot train.
+    device_map = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+    model = family.model_class.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        revision=model_args.revision,
+        cache_dir=model_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code,
+        dtype=_dtype(model_args.dtype),
+        quantization_config=quantization_config,
+        device_map=device_map if quantization_config is not None else None,
+    )
+    if quantization_config is not None and lora_args.load_in_4bit:
+        keep_4bit_weights_trainable_on_cpu(model)
+    if quantization_config is not None:
+        # Freezes the base and upcasts norms to fp32. Activation checkpointing is left to the Trainer, which enables
+        # it non-reentrant: no input-embedding grad hook (that hook breaks BLIP's in-place embedding sum).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if lora_args.use_lora:
+        targets = resolve_lora_targets(model, family, lora_args)
+        with warnings.catch_warnings():
+            # peft reads the deprecated `is_gradient_checkpointing` alias; nothing for users to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, build_lora_config(lora_args, targets))
+        logger.info("LoRA on %d layers: %s", len(targets), summarize_targets(targets))
+    elif lora_args.freeze_vision_tower:
+        for name, parameter in model.named_parameters():
+            if name.startswith(family.vision_prefix):
+                parameter.requires_grad_(False)
+    trainable, total = count_parameters(model)
+    logger.info(
+        "Parameters: %s trainable of %s total (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1)
+    )
+    return model
+
+
+def keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks 4-bit CPU weights for fast inference the first time a layer runs without grad (an
+    evaluation); the repacked path has no backward, so training after an evaluation fails or, for layers without a
+    bias, gets wrong gradients. Turn the repacking off (it only exists on CPU)."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the values they hold."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        if parameter.__class__.__name__ == "Params4bit":
+            count *= 2  # two 4-bit values per stored byte
+        total += count
+        if parameter.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def summarize_targets(targets: list[str]) -> str:
+    """``text_decoder.bert.encoder.layer.{0,1}.attention.self.{query,value}``-style summary of module names."""
+    patterns: dict[str, int] = {}
+    for name in targets:
+        pattern = re.sub(r"\.\d+\.", ".N.", name)
+        patterns[pattern] = patterns.get(pattern, 0) + 1
+    return ", ".join(f"{pattern} (x{count})" if count > 1 else pattern for pattern, count in patterns.items())
+
+
+def check_label_smoothing(family: ModelFamily, factor: float) -> None:
+    if factor > 0 and family.name != "blip":
+        raise ValueError(
+            f"--label_smoothing_factor {factor}: supported for BLIP only (BLIP and LAVIS use 0.1); "
+            f"{family.name} computes its loss inside the language model. Set it to 0."
+        )
+
+
+def apply_label_smoothing(model: torch.nn.Module, family: ModelFamily, factor: float) -> None:
+    """Label smoothing inside BLIP's own loss (the Trainer's smoother would misalign BLIP's unshifted logits)."""
+    check_label_smoothing(family, factor)
+    if factor <= 0:
+        return
+    decoder = model.get_base_model().text_decoder if isinstance(model, PeftModel) else model.text_decoder
+    decoder.label_smoothing = factor

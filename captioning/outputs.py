@@ -1,0 +1,44 @@
+"""Files a run leaves in output_dir besides the Trainer's own: predictions.jsonl and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_predictions(
+    path: str | Path, image_ids: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> None:
+    """One JSON line per image: ``{"image": ..., "prediction": ..., "references": [...]}``."""
+    if not len(image_ids) == len(predictions) == len(references):
+        raise ValueError(
+            f"predictions.jsonl: {len(image_ids)} images, {len(predictions)} predictions, {len(references)} references"
+        )
+    lines = [
+        json.dumps({"image": image, "prediction": prediction, "references": list(refs)}, ensure_ascii=False)
+        for image, prediction, refs in zip(image_ids, predictions, references, strict=True)
+    ]
+    write_text_atomic(path, "\n".join(lines) + "\n")

@@ -1,0 +1,121 @@
+"""Seq2SeqTrainer for captioning: generation sees only the image and prompt, scores use every reference of an image."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list
+from transformers import Seq2SeqTrainer, Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import EvalLoopOutput
+
+from captioning.data import CaptionImages, CaptionPairs
+from captioning.families import ModelFamily
+from collators import CaptionLayout
+
+logger = logging.getLogger(__name__)
+
+
+def build_generation_kwargs(caption_args, family: ModelFamily) -> dict:
+    """Generation settings from the flags, with the family's LAVIS defaults where a flag is unset."""
+    max_new_tokens = caption_args.max_new_tokens or family.max_new_tokens
+    min_new_tokens = caption_args.min_new_tokens
+    if min_new_tokens is None:
+        min_new_tokens = min(family.min_new_tokens, max_new_tokens)
+    return {
+        "num_beams": caption_args.num_beams or family.num_beams,
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min_new_tokens,
+        "repetition_penalty": caption_args.repetition_penalty,
+        "no_repeat_ngram_size": caption_args.no_repeat_ngram_size,
+        "length_penalty": caption_args.length_penalty,
+    }
+
+
+class CaptioningTrainer(Seq2SeqTrainer):
+    """Evaluation datasets are per-image (``CaptionImages``): one generation per image, scored against all of its
+    references, plus the teacher-forced loss over all of its (image, caption) pairs.
+
+    Stock ``Seq2SeqTrainer.prediction_step`` hands every batch key to ``generate``; BLIP takes ``input_ids`` as a
+    prompt, so a reference caption in the batch would be continued instead of predicted. Here generation batches
+    carry only ``pixel_values`` and the prompt, and captioned batches only ever reach the loss.
+    """
+
+    def __init__(self, *args, layout: CaptionLayout, generation_kwargs: dict, scorer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layout = layout
+        self.generation_kwargs = dict(generation_kwargs)
+        self.scorer = scorer
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        if "image_index" not in inputs:  # captioned rows: the evaluation loss
+            return Trainer.prediction_step(self, model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        image_index = inputs.pop("image_index")
+        generated = self.generate_captions(inputs)
+        return None, generated, image_index
+
+    def generate_captions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``generate`` on pixel_values + prompt; under ZeRO-3/FSDP every process steps together."""
+        kwargs = dict(self.generation_kwargs)
+        kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
+        with torch.no_grad():
+            return self.model.generate(
+                pixel_values=inputs["pixel_values"],
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                **kwargs,
+            )
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval") -> EvalLoopOutput:
+        dataset = dataloader.dataset
+        if not isinstance(dataset, CaptionImages):
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
+        # Seq2SeqTrainer.evaluate/predict switch to plain `gather`, which keeps the duplicates that pad the last
+        # batch on several processes; gather_for_metrics drops them.
+        self.gather_function = self.accelerator.gather_for_metrics
+        output = super().evaluation_loop(dataloader, description, False, ignore_keys, metric_key_prefix)
+        captions = self.captions_in_dataset_order(output.predictions, output.label_ids, len(dataset))
+        metrics = dict(output.metrics)
+        metrics.pop(f"{metric_key_prefix}_loss", None)
+        for key, value in self.score(captions, dataset.references).items():
+            metrics[f"{metric_key_prefix}_{key}"] = value
+        metrics[f"{metric_key_prefix}_loss"] = self.caption_loss(dataset, description, ignore_keys, metric_key_prefix)
+        return EvalLoopOutput(
+            predictions=captions, label_ids=np.arange(len(dataset)), metrics=metrics, num_samples=len(dataset)
+        )
+
+    def captions_in_dataset_order(self, sequences, image_index, num_images: int) -> list[str]:
+        """Decode the gathered generations and put them in dataset order: exactly one caption per image."""
+        captions: list[str | None] = [None] * num_images
+        for caption, index in zip(self.layout.decode(sequences, self.processing_class.tokenizer),
+                                  np.asarray(image_index).reshape(-1), strict=True):
+            if captions[int(index)] is None:
+                captions[int(index)] = caption
+        missing = [i for i, caption in enumerate(captions) if caption is None]
+        if missing:
+            raise RuntimeError(f"evaluation produced no caption for {len(missing)} of {num_images} images "
+                               f"(first missing index: {missing[0]})")
+        return captions
+
+    def score(self, captions: list[str], references: list[list[str]]) -> dict[str, float]:
+        """Caption metrics, computed once on the main process and shared (every process needs them)."""
+        if self.accelerator.num_processes == 1:
+            return self.scorer(captions, references)
+        result = [self.scorer(captions, references) if self.accelerator.is_main_process else None]
+        broadcast_object_list(result, from_process=0)
+        return result[0]
+
+    def caption_loss(self, dataset: CaptionImages, description, ignore_keys, metric_key_prefix) -> float:
+        """Teacher-forced loss over every (image, reference) pair of the evaluation images."""
+        pairs = CaptionPairs(dataset.images)
+        dataloader = self._get_dataloader(
+            pairs, description=f"{description} loss", batch_size=self.args.eval_batch_size,
+            sampler_fn=self._get_eval_sampler,
+        )
+        output = super().evaluation_loop(dataloader, f"{description} loss", True, ignore_keys, metric_key_prefix)
+        return output.metrics[f"{metric_key_prefix}_loss"]

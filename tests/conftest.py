@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny BLIP / BLIP-2 checkpoints built from configs, and small captioned image folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioning.tiny_models import build_tiny_blip, build_tiny_blip2_opt, build_tiny_blip2_t5
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+THINGS = ("dog", "cat", "ball", "man")
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory) -> Path:
+    return build_tiny_blip(tmp_path_factory.mktemp("tiny-blip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2_opt(tmp_path_factory) -> Path:
+    return build_tiny_blip2_opt(tmp_path_factory.mktemp("tiny-blip2-opt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2_t5(tmp_path_factory) -> Path:
+    return build_tiny_blip2_t5(tmp_path_factory.mktemp("tiny-blip2-t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_blip, tiny_blip2_opt, tiny_blip2_t5) -> dict[str, Path]:
+    return {"blip": tiny_blip, "blip2-opt": tiny_blip2_opt, "blip2-t5": tiny_blip2_t5}
+
+
+def make_caption_folder(root: Path, num_images: int = 12, captions_per_image: int = 3) -> Path:
+    """An image folder with metadata.jsonl: plain-colour images, several captions each (``caption`` is a list)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num_images):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        thing = THINGS[(i // len(COLOURS)) % len(THINGS)]
+        Image.new("RGB", (40 + i, 36), COLOURS[colour]).save(root / f"img_{i:03d}.png")
+        captions = [f"a {colour} {thing}", f"the {thing} is {colour}", f"a {thing} on a {colour} background"]
+        rows.append({"file_name": f"img_{i:03d}.png", "caption": captions[:captions_per_image]})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+@pytest.fixture(scope="session")
+def caption_folder(tmp_path_factory) -> Path:
+    return make_caption_folder(tmp_path_factory.mktemp("captions"))
