@@ -90,8 +90,12 @@ def build_layout(
     prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else ()
     if family.layout == BLIP_DECODER:
         return CaptionLayout(
-            kind=BLIP_DECODER, bos_id=text.bos_token_id, eos_id=text.sep_token_id, pad_id=text.pad_token_id,
-            prompt_ids=prompt_ids, caption_prefix=caption_prefix,
+            kind=BLIP_DECODER,
+            bos_id=text.bos_token_id,
+            eos_id=text.sep_token_id,
+            pad_id=text.pad_token_id,
+            prompt_ids=prompt_ids,
+            caption_prefix=caption_prefix,
         )
     image_token_id = getattr(config, "image_token_id", None)
     if image_token_id is None:
@@ -102,8 +106,12 @@ def build_layout(
             "transformers' image-token layout); use a current revision of the checkpoint."
         )
     common = dict(
-        eos_id=text.eos_token_id, pad_id=text.pad_token_id, prompt_ids=prompt_ids, image_token_id=image_token_id,
-        num_image_tokens=config.num_query_tokens, caption_prefix=caption_prefix,
+        eos_id=text.eos_token_id,
+        pad_id=text.pad_token_id,
+        prompt_ids=prompt_ids,
+        image_token_id=image_token_id,
+        num_image_tokens=config.num_query_tokens,
+        caption_prefix=caption_prefix,
     )
     if family.layout == DECODER_ONLY:
         return CaptionLayout(kind=DECODER_ONLY, bos_id=text.bos_token_id, **common)
@@ -129,8 +137,9 @@ class CaptionCollator:
         ``pixel_values``, the prompt as ``input_ids`` / ``attention_mask`` (B, P) and ``image_index`` long (B,).
     """
 
-    def __init__(self, image_processor, tokenizer: PreTrainedTokenizerBase, layout: CaptionLayout,
-                 max_caption_length: int = 64):
+    def __init__(
+        self, image_processor, tokenizer: PreTrainedTokenizerBase, layout: CaptionLayout, max_caption_length: int = 64
+    ):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.layout = layout

@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         args=training_args,
         train_dataset=CaptionPairs(splits["train"]) if "train" in splits else None,
         eval_dataset=CaptionImages(splits["validation"]) if "validation" in splits else None,
-        data_collator=CaptionCollator(processor.image_processor, processor.tokenizer, layout,
-                                      data_args.max_caption_length),
+        data_collator=CaptionCollator(
+            processor.image_processor, processor.tokenizer, layout, data_args.max_caption_length
+        ),
         processing_class=processor,
         layout=layout,
         generation_kwargs=build_generation_kwargs(caption_args, family),
@@ -85,20 +86,26 @@ def setup_logging(training_args) -> None:
     # bitsandbytes logs a warning on every 8-bit matmul whose input is not fp16 (always the case on CPU).
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     library_level = training_args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(max(library_level, logging.WARNING) if library_level == logging.INFO
-                                         else library_level)
+    datasets.utils.logging.set_verbosity(
+        max(library_level, logging.WARNING) if library_level == logging.INFO else library_level
+    )
     transformers.utils.logging.set_verbosity(library_level if library_level != logging.INFO else logging.WARNING)
 
 
 def check_splits(splits: dict, training_args, caption_args) -> None:
     """Each requested phase needs its split; without a validation split, evaluation during training is off."""
-    needs = {"train": ("--do_train", training_args.do_train), "validation": ("--do_eval", training_args.do_eval),
-             "test": ("--do_predict", training_args.do_predict)}
+    needs = {
+        "train": ("--do_train", training_args.do_train),
+        "validation": ("--do_eval", training_args.do_eval_requested),
+        "test": ("--do_predict", training_args.do_predict),
+    }
     if caption_args.eval_baseline:
         needs["validation"] = ("--eval_baseline", True) if not training_args.do_eval else needs["validation"]
-    hints = {"train": "--train_file or a source with a train split",
-             "validation": "--validation_file, a source with a validation split, or --validation_split_percentage > 0",
-             "test": "--test_file, a source with a test split, or --test_split_percentage > 0"}
+    hints = {
+        "train": "--train_file or a source with a train split",
+        "validation": "--validation_file, a source with a validation split, or --validation_split_percentage > 0",
+        "test": "--test_file, a source with a test split, or --test_split_percentage > 0",
+    }
     for split, (flag, wanted) in needs.items():
         if wanted and split not in splits:
             raise ValueError(f"{flag} needs a {split} split: give {hints[split]}.")
@@ -106,6 +113,7 @@ def check_splits(splits: dict, training_args, caption_args) -> None:
         logger.warning("No validation split: no evaluation during training, and the last checkpoint is kept.")
         training_args.eval_strategy = IntervalStrategy.NO
         training_args.load_best_model_at_end = False
+        training_args.do_eval = False
 
 
 def early_stopping(caption_args) -> list:
@@ -148,8 +156,9 @@ def run_phases(trainer: CaptioningTrainer, splits: dict, caption_args, training_
         trainer.log_metrics("predict", metrics)
         trainer.save_metrics("predict", metrics)
         if trainer.is_world_process_zero():
-            write_predictions(f"{training_args.output_dir}/predictions.jsonl", test.image_ids, output.predictions,
-                              test.references)
+            write_predictions(
+                f"{training_args.output_dir}/predictions.jsonl", test.image_ids, output.predictions, test.references
+            )
         results["predict"] = metrics
     return results
 

@@ -97,8 +97,10 @@ class DataArguments:
     )
     validation_split_percentage: float = field(
         default=10.0,
-        metadata={"help": "Percent of the training images held out for validation when the source has no validation "
-                  "split. The split is by image, never by caption row."},
+        metadata={
+            "help": "Percent of the training images held out for validation when the source has no validation "
+            "split. The split is by image, never by caption row."
+        },
     )
     test_split_percentage: float = field(
         default=10.0,
@@ -198,6 +200,7 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
     - ``dataloader_num_workers=2``: images are decoded in worker processes.
     - ``ddp_find_unused_parameters=False``: every trainable parameter takes part in the loss.
     - ``dataloader_pin_memory=False`` when no GPU is present (pinning needs one).
+    - ``load_best_model_at_end`` turns off by itself when ``save_strategy`` or ``eval_strategy`` is ``no``.
     """
 
     remove_unused_columns: bool = field(
@@ -211,7 +214,9 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
     load_best_model_at_end: bool = field(
         default=True, metadata={"help": "Finish with the checkpoint that scored best on --metric_for_best_model."}
     )
-    metric_for_best_model: str = field(default="cider", metadata={"help": "Validation metric that picks the best checkpoint."})
+    metric_for_best_model: str = field(
+        default="cider", metadata={"help": "Validation metric that picks the best checkpoint."}
+    )
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept in output_dir (best + latest)."})
     label_names: list[str] = field(default_factory=lambda: ["labels"], metadata={"help": "Batch keys holding labels."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
@@ -220,9 +225,23 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "DDP search for unused parameters; not needed here, and slow."}
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into a non-empty output_dir, replacing files of an earlier run there. Without it "
+            "a non-empty output_dir is an error (unless --resume_from_checkpoint continues that run)."
+        },
+    )
+
     def __post_init__(self):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        if "no" in (
+            getattr(self.save_strategy, "value", self.save_strategy),
+            getattr(self.eval_strategy, "value", self.eval_strategy),
+        ):
+            self.load_best_model_at_end = False  # nothing to pick the best from
+        self.do_eval_requested = self.do_eval  # the parent turns do_eval on whenever eval_strategy is not "no"
         super().__post_init__()
 
 
@@ -230,6 +249,17 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, CaptioningArgu
 
 # Seq2SeqTrainingArguments flags that would silently disagree with ours: max_length counts BLIP-2's query tokens.
 _SUPERSEDED_FLAGS = {"generation_max_length": "--max_new_tokens", "generation_num_beams": "--num_beams"}
+
+
+# Names other tools and seed scripts use for our flags, for better "did you mean" hints.
+_KNOWN_ALIASES = {
+    "lora_rank": "lora_r",
+    "max_length": "max_new_tokens",
+    "beams": "num_beams",
+    "prompt": "caption_prompt",
+    "model_name": "model_name_or_path",
+    "data_dir": "dataset_dir",
+}
 
 
 def build_parser() -> HfArgumentParser:
@@ -267,7 +297,11 @@ def yaml_to_argv(path: str | Path, parser: argparse.ArgumentParser) -> list[str]
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(str(key), list(actions), n=1)
+            close = (
+                [_KNOWN_ALIASES[key]]
+                if key in _KNOWN_ALIASES
+                else difflib.get_close_matches(str(key), list(actions), n=1)
+            )
             hints.append(f"{key} (did you mean {close[0]}?)" if close else str(key))
         raise ValueError(
             f"--config {path}: unknown keys: {', '.join(hints)}. Keys are the command-line flag names; "
@@ -335,24 +369,30 @@ def flag_names() -> set[str]:
 def validate_args(model_args, data_args, lora_args, caption_args, training_args) -> None:
     """Checks that need no data and no model, run before anything expensive. Errors name the flag and the fix."""
     if not model_args.model_name_or_path:
-        raise ValueError("--model_name_or_path is required (a Hub id such as Salesforce/blip-image-captioning-base "
-                         "or a local checkpoint folder).")
+        raise ValueError(
+            "--model_name_or_path is required (a Hub id such as Salesforce/blip-image-captioning-base "
+            "or a local checkpoint folder)."
+        )
     sources = [name for name in ("dataset_name", "dataset_dir") if getattr(data_args, name)]
     if any(getattr(data_args, name) for name in ("train_file", "validation_file", "test_file")):
         sources.append("train_file/validation_file/test_file")
     if len(sources) != 1:
         found = f"got {', '.join('--' + s for s in sources)}" if sources else "got none"
-        raise ValueError(f"Give exactly one data source: --dataset_name, --dataset_dir or --train_file/"
-                         f"--validation_file/--test_file ({found}).")
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise ValueError(
+            f"Give exactly one data source: --dataset_name, --dataset_dir or --train_file/"
+            f"--validation_file/--test_file ({found})."
+        )
+    if not (training_args.do_train or training_args.do_eval_requested or training_args.do_predict):
         raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
     for name in ("validation_split_percentage", "test_split_percentage"):
         value = getattr(data_args, name)
         if not 0 <= value < 100:
             raise ValueError(f"--{name} {value}: must be at least 0 and below 100.")
     if data_args.validation_split_percentage + data_args.test_split_percentage >= 100:
-        raise ValueError("--validation_split_percentage + --test_split_percentage must leave images for training "
-                         "(their sum must be below 100).")
+        raise ValueError(
+            "--validation_split_percentage + --test_split_percentage must leave images for training "
+            "(their sum must be below 100)."
+        )
     for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
         value = getattr(data_args, name)
         if value is not None and value < 1:
@@ -363,15 +403,20 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
     if lora_args.load_in_8bit and lora_args.load_in_4bit:
         raise ValueError("--load_in_8bit and --load_in_4bit exclude each other: pick one.")
     if (lora_args.load_in_8bit or lora_args.load_in_4bit) and not lora_args.use_lora:
-        raise ValueError("8-bit/4-bit weights cannot be fine-tuned directly: keep --use_lora true (the default) "
-                         "or drop --load_in_8bit/--load_in_4bit for full fine-tuning.")
+        raise ValueError(
+            "8-bit/4-bit weights cannot be fine-tuned directly: keep --use_lora true (the default) "
+            "or drop --load_in_8bit/--load_in_4bit for full fine-tuning."
+        )
     if lora_args.use_lora:
         if lora_args.freeze_vision_tower:
-            raise ValueError("--freeze_vision_tower is for full fine-tuning (--use_lora false); with LoRA the base "
-                             "weights, vision tower included, are already frozen.")
+            raise ValueError(
+                "--freeze_vision_tower is for full fine-tuning (--use_lora false); with LoRA the base "
+                "weights, vision tower included, are already frozen."
+            )
         if lora_args.lora_r < 1 or lora_args.lora_alpha <= 0:
-            raise ValueError(f"--lora_r {lora_args.lora_r} / --lora_alpha {lora_args.lora_alpha}: both must be "
-                             "positive.")
+            raise ValueError(
+                f"--lora_r {lora_args.lora_r} / --lora_alpha {lora_args.lora_alpha}: both must be positive."
+            )
         if not 0 <= lora_args.lora_dropout < 1:
             raise ValueError(f"--lora_dropout {lora_args.lora_dropout}: must be in [0, 1).")
     elif lora_args.lora_vision or lora_args.lora_target_modules:
@@ -381,15 +426,21 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
         raise ValueError(f"--num_beams {caption_args.num_beams}: must be at least 1.")
     if caption_args.max_new_tokens is not None and caption_args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens {caption_args.max_new_tokens}: must be at least 1.")
-    if (caption_args.min_new_tokens is not None and caption_args.max_new_tokens is not None
-            and caption_args.min_new_tokens > caption_args.max_new_tokens):
-        raise ValueError(f"--min_new_tokens {caption_args.min_new_tokens} exceeds --max_new_tokens "
-                         f"{caption_args.max_new_tokens}.")
+    if (
+        caption_args.min_new_tokens is not None
+        and caption_args.max_new_tokens is not None
+        and caption_args.min_new_tokens > caption_args.max_new_tokens
+    ):
+        raise ValueError(
+            f"--min_new_tokens {caption_args.min_new_tokens} exceeds --max_new_tokens {caption_args.max_new_tokens}."
+        )
     if caption_args.early_stopping_patience is not None:
         if caption_args.early_stopping_patience < 1:
             raise ValueError("--early_stopping_patience must be at least 1.")
         if not training_args.load_best_model_at_end:
             raise ValueError("--early_stopping_patience needs --load_best_model_at_end true (the default).")
+
+    check_output_dir(training_args)
 
     metric = training_args.metric_for_best_model
     known = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "loss"}
@@ -397,3 +448,17 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
         raise ValueError(f"--metric_for_best_model {metric!r}: choose one of {', '.join(sorted(known))}.")
     if metric is not None and metric.removeprefix("eval_") == "meteor" and not caption_args.compute_meteor:
         raise ValueError("--metric_for_best_model meteor needs --compute_meteor true.")
+
+
+def check_output_dir(training_args) -> None:
+    """Never write over an earlier run by accident."""
+    output_dir = Path(training_args.output_dir)
+    if not output_dir.is_dir() or training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return
+    existing = sorted(path.name for path in output_dir.iterdir())
+    if existing:
+        shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
+        raise ValueError(
+            f"--output_dir {output_dir} is not empty ({shown}). Choose another --output_dir, pass "
+            "--resume_from_checkpoint to continue the run saved there, or --overwrite_output_dir to replace it."
+        )

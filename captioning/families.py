@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import BlipForConditionalGeneration, Blip2ForConditionalGeneration, PretrainedConfig, PreTrainedModel
+from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration, PretrainedConfig, PreTrainedModel
 
 # How a family lays out a caption around the image and prompt (see collators.py for the exact sequences).
 BLIP_DECODER = "blip_decoder"  # BERT-style text decoder; [DEC] at position 0, [SEP] ends the caption
 DECODER_ONLY = "decoder_only"  # BLIP-2 + OPT: query-token placeholders, BOS, prompt, caption, EOS in one sequence
-ENCODER_DECODER = "encoder_decoder"  # BLIP-2 + Flan-T5: placeholders and prompt go to the encoder, caption is the target
+ENCODER_DECODER = (
+    "encoder_decoder"  # BLIP-2 + Flan-T5: placeholders and prompt go to the encoder, caption is the target
+)
 
 
 @dataclass(frozen=True)
@@ -86,5 +88,6 @@ def detect_family(config: PretrainedConfig) -> ModelFamily:
         )
     raise ValueError(
         f"--model_name_or_path: model type {model_type!r} is not a captioner this tool fine-tunes; use a BLIP "
-        "(Salesforce/blip-image-captioning-*) or BLIP-2 (Salesforce/blip2-opt-*, Salesforce/blip2-flan-t5-*) checkpoint."
+        "(Salesforce/blip-image-captioning-*) or BLIP-2 (Salesforce/blip2-opt-*, Salesforce/blip2-flan-t5-*) "
+        "checkpoint."
     )

@@ -45,7 +45,9 @@ def build_quantization_config(lora_args: LoraArguments) -> BitsAndBytesConfig | 
     if lora_args.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if lora_args.load_in_4bit:
-        compute_dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        compute_dtype = (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

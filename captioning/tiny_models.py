@@ -42,8 +42,12 @@ def tiny_image_processor(image_size: int) -> BlipImageProcessor:
 
 def _vision_config(hidden: int, layers: int, image_size: int, patch_size: int) -> dict:
     return dict(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2,
-        image_size=image_size, patch_size=patch_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
     )
 
 
@@ -61,9 +65,16 @@ def build_tiny_blip(
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words), "[DEC]"]
     tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, bos_token="[DEC]")
     text_config = dict(
-        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-        sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = BlipConfig(
         text_config=text_config,
@@ -94,9 +105,17 @@ def build_tiny_blip2_opt(
         image_processor=tiny_image_processor(image_size), tokenizer=tokenizer, num_query_tokens=num_query_tokens
     )
     text_config = dict(
-        model_type="opt", vocab_size=len(tokenizer), hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, word_embed_proj_dim=hidden, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        model_type="opt",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        ffn_dim=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = _blip2_config(text_config, hidden, num_query_tokens, image_size, _image_token_id(processor))
     torch.manual_seed(seed)
@@ -120,9 +139,18 @@ def build_tiny_blip2_t5(
         image_processor=tiny_image_processor(image_size), tokenizer=tokenizer, num_query_tokens=num_query_tokens
     )
     text_config = dict(
-        model_type="t5", vocab_size=len(tokenizer), d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=2,
-        num_decoder_layers=2, num_heads=2, decoder_start_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        model_type="t5",
+        vocab_size=len(tokenizer),
+        d_model=hidden,
+        d_kv=hidden // 2,
+        d_ff=2 * hidden,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     config = _blip2_config(text_config, hidden, num_query_tokens, image_size, _image_token_id(processor))
     torch.manual_seed(seed)
@@ -133,8 +161,13 @@ def _blip2_config(text_config: dict, hidden: int, num_query_tokens: int, image_s
     return Blip2Config(
         vision_config=_vision_config(hidden, 2, image_size, 8),
         qformer_config=dict(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
-            encoder_hidden_size=hidden, vocab_size=64, max_position_embeddings=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            encoder_hidden_size=hidden,
+            vocab_size=64,
+            max_position_embeddings=64,
         ),
         text_config=text_config,
         num_query_tokens=num_query_tokens,
@@ -151,8 +184,13 @@ def _train_byte_level_bpe(words: list[str], specials: list[str]) -> tuple[dict[s
     """A byte-level BPE (GPT-2 style) trained on the word list, large enough to hold every word whole."""
     bpe = ByteLevelBPETokenizer()
     corpus = [" ".join(words)] + words
-    bpe.train_from_iterator(corpus, vocab_size=len(specials) + 256 + 4 * sum(map(len, words)), min_frequency=1,
-                            special_tokens=specials, show_progress=False)
+    bpe.train_from_iterator(
+        corpus,
+        vocab_size=len(specials) + 256 + 4 * sum(map(len, words)),
+        min_frequency=1,
+        special_tokens=specials,
+        show_progress=False,
+    )
     model = json.loads(bpe._tokenizer.to_str())["model"]
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
     return model["vocab"], merges

@@ -69,12 +69,14 @@ class CaptioningTrainer(Seq2SeqTrainer):
                 **kwargs,
             )
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval") -> EvalLoopOutput:
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ) -> EvalLoopOutput:
         dataset = dataloader.dataset
         if not isinstance(dataset, CaptionImages):
-            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                           metric_key_prefix)
+            return super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
         # Seq2SeqTrainer.evaluate/predict switch to plain `gather`, which keeps the duplicates that pad the last
         # batch on several processes; gather_for_metrics drops them.
         self.gather_function = self.accelerator.gather_for_metrics
@@ -92,14 +94,19 @@ class CaptioningTrainer(Seq2SeqTrainer):
     def captions_in_dataset_order(self, sequences, image_index, num_images: int) -> list[str]:
         """Decode the gathered generations and put them in dataset order: exactly one caption per image."""
         captions: list[str | None] = [None] * num_images
-        for caption, index in zip(self.layout.decode(sequences, self.processing_class.tokenizer),
-                                  np.asarray(image_index).reshape(-1), strict=True):
+        for caption, index in zip(
+            self.layout.decode(sequences, self.processing_class.tokenizer),
+            np.asarray(image_index).reshape(-1),
+            strict=True,
+        ):
             if captions[int(index)] is None:
                 captions[int(index)] = caption
         missing = [i for i, caption in enumerate(captions) if caption is None]
         if missing:
-            raise RuntimeError(f"evaluation produced no caption for {len(missing)} of {num_images} images "
-                               f"(first missing index: {missing[0]})")
+            raise RuntimeError(
+                f"evaluation produced no caption for {len(missing)} of {num_images} images "
+                f"(first missing index: {missing[0]})"
+            )
         return captions
 
     def score(self, captions: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -114,7 +121,9 @@ class CaptioningTrainer(Seq2SeqTrainer):
         """Teacher-forced loss over every (image, reference) pair of the evaluation images."""
         pairs = CaptionPairs(dataset.images)
         dataloader = self._get_dataloader(
-            pairs, description=f"{description} loss", batch_size=self.args.eval_batch_size,
+            pairs,
+            description=f"{description} loss",
+            batch_size=self.args.eval_batch_size,
             sampler_fn=self._get_eval_sampler,
         )
         output = super().evaluation_loop(dataloader, f"{description} loss", True, ignore_keys, metric_key_prefix)

@@ -53,7 +53,8 @@ GENERIC_TEMPLATES = (
     "a picture of a {colour} {shape} on the {place}",
     "there is a {size} {colour} {shape} on a {background} background",
     "a {colour} {shape} in the {place} of the picture",
-    "a {colour} {shape} sticker on {background} paper",
+    "a photo of a {colour} {shape} sticker",
+    "a {shape} on {background} paper",
     "a {round} {colour} shape on the {place} side",
 )
 # Domain captions: a shop's catalogue style, which the demo teaches with LoRA.
@@ -66,7 +67,12 @@ ROUND = {"circle": "round", "square": "square", "triangle": "triangular"}
 
 WORDS = sorted(
     {word for template in GENERIC_TEMPLATES + DOMAIN_TEMPLATES for word in template.split() if "{" not in word}
-    | set(COLOURS) | set(BACKGROUNDS) | set(SHAPES) | set(SIZES) | set(PLACES) | set(ROUND.values())
+    | set(COLOURS)
+    | set(BACKGROUNDS)
+    | set(SHAPES)
+    | set(SIZES)
+    | set(PLACES)
+    | set(ROUND.values())
     | {":", ","}
 )
 
@@ -125,24 +131,43 @@ def pretrain(build: Path, seed: int) -> Path:
 
     init = build_tiny_blip(build / "init", WORDS, hidden=64, layers=2, image_size=IMAGE_SIZE, patch_size=8, seed=seed)
     run_dir = build / "pretrain-run"
-    main([
-        "--model_name_or_path", str(init),
-        "--dataset_dir", str(build / "pretrain"),
-        "--validation_split_percentage", "0", "--test_split_percentage", "0",
-        "--use_lora", "false",
-        "--do_train",
-        "--output_dir", str(run_dir),
-        "--num_train_epochs", "8",
-        "--learning_rate", "2e-3",
-        "--warmup_steps", "20",
-        "--lr_scheduler_type", "cosine",
-        "--per_device_train_batch_size", "64",
-        "--save_strategy", "no",
-        "--logging_steps", "50",
-        "--dataloader_num_workers", "0",
-        "--seed", str(seed),
-        "--report_to", "none",
-    ])
+    main(
+        [
+            "--model_name_or_path",
+            str(init),
+            "--dataset_dir",
+            str(build / "pretrain"),
+            "--validation_split_percentage",
+            "0",
+            "--test_split_percentage",
+            "0",
+            "--use_lora",
+            "false",
+            "--do_train",
+            "--output_dir",
+            str(run_dir),
+            "--num_train_epochs",
+            "8",
+            "--learning_rate",
+            "2e-3",
+            "--warmup_steps",
+            "20",
+            "--lr_scheduler_type",
+            "cosine",
+            "--per_device_train_batch_size",
+            "64",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "50",
+            "--dataloader_num_workers",
+            "0",
+            "--seed",
+            str(seed),
+            "--report_to",
+            "none",
+        ]
+    )
     model_dir = build / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     model_dir.mkdir(parents=True)

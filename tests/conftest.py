@@ -46,7 +46,13 @@ def make_caption_folder(root: Path, num_images: int = 12, captions_per_image: in
         colour = list(COLOURS)[i % len(COLOURS)]
         thing = THINGS[(i // len(COLOURS)) % len(THINGS)]
         Image.new("RGB", (40 + i, 36), COLOURS[colour]).save(root / f"img_{i:03d}.png")
-        captions = [f"a {colour} {thing}", f"the {thing} is {colour}", f"a {thing} on a {colour} background"]
+        captions = [
+            f"a {colour} {thing}",
+            f"the {thing} is {colour}",
+            f"a {thing} on a {colour} background",
+            f"one {colour} {thing}",
+            f"a picture of a {colour} {thing}",
+        ]
         rows.append({"file_name": f"img_{i:03d}.png", "caption": captions[:captions_per_image]})
     (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return root

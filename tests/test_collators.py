@@ -44,15 +44,19 @@ def test_blip_training_batch_is_exact(tiny_blip):
 
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
     length = 1 + len(long) + 1
-    expected_ids = torch.tensor([
-        [dec, *short, sep] + [pad] * (length - len(short) - 2),
-        [dec, *long, sep],
-    ])
+    expected_ids = torch.tensor(
+        [
+            [dec, *short, sep] + [pad] * (length - len(short) - 2),
+            [dec, *long, sep],
+        ]
+    )
     expected_mask = (torch.arange(length)[None, :] < torch.tensor([[len(short) + 2], [length]])).long()
-    expected_labels = torch.tensor([
-        [IGNORE_INDEX, *short, sep] + [IGNORE_INDEX] * (length - len(short) - 2),
-        [IGNORE_INDEX, *long, sep],
-    ])
+    expected_labels = torch.tensor(
+        [
+            [IGNORE_INDEX, *short, sep] + [IGNORE_INDEX] * (length - len(short) - 2),
+            [IGNORE_INDEX, *long, sep],
+        ]
+    )
     assert torch.equal(batch["input_ids"], expected_ids)
     assert torch.equal(batch["attention_mask"], expected_mask)
     assert torch.equal(batch["labels"], expected_labels)
@@ -91,8 +95,12 @@ def test_max_caption_length_truncates_caption_tokens_only(tiny_blip):
 def test_blip2_opt_batches_are_exact(tiny_blip2_opt):
     processor, config, _, layout, collator = _setup(tiny_blip2_opt, prompt="a photo of ")
     tok = processor.tokenizer
-    image, bos, eos, pad = config.image_token_id, config.text_config.bos_token_id, config.text_config.eos_token_id, \
-        config.text_config.pad_token_id
+    image, bos, eos, pad = (
+        config.image_token_id,
+        config.text_config.bos_token_id,
+        config.text_config.eos_token_id,
+        config.text_config.pad_token_id,
+    )
     queries = [image] * config.num_query_tokens
     prompt = _ids(tok, "a photo of")  # trailing space moves onto the caption for byte-level BPE
     short, long = _ids(tok, " a red dog"), _ids(tok, " two blue cats on the grass")
@@ -146,8 +154,9 @@ def test_loss_ignores_padding_and_prompt(tiny_models, family):
     logits = output.logits
     if fam.layout != "encoder_decoder":
         logits, labels = logits[:, :-1], labels[:, 1:]  # next-token prediction
-    manual = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                               ignore_index=IGNORE_INDEX)
+    manual = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
     torch.testing.assert_close(output.loss, manual)
     # The same rows one by one, without padding, give the same per-token losses.
     token_losses = []
@@ -164,7 +173,11 @@ def test_blip_training_starts_with_the_token_generate_starts_with(tiny_blip):
     processor, config, fam, _, collator = _setup(tiny_blip)
     model = fam.model_class.from_pretrained(tiny_blip).eval()
     generation = collator([{"image": IMAGES[0], "image_index": 0}])
-    generated = model.generate(pixel_values=generation["pixel_values"], input_ids=generation["input_ids"],
-                               attention_mask=generation["attention_mask"], max_new_tokens=3)
+    generated = model.generate(
+        pixel_values=generation["pixel_values"],
+        input_ids=generation["input_ids"],
+        attention_mask=generation["attention_mask"],
+        max_new_tokens=3,
+    )
     training = collator(ROWS[:1])
     assert generated[0, 0].item() == training["input_ids"][0, 0].item() == config.text_config.bos_token_id
