@@ -462,3 +462,22 @@ def check_output_dir(training_args) -> None:
             f"--output_dir {output_dir} is not empty ({shown}). Choose another --output_dir, pass "
             "--resume_from_checkpoint to continue the run saved there, or --overwrite_output_dir to replace it."
         )
+
+
+def to_argv(**flags) -> list[str]:
+    """Keyword flags as command-line tokens, for calling ``main()`` from Python.
+
+    ``to_argv(do_train=True, lora_target_modules=["query", "value"], lora_r=8)`` gives
+    ``["--do_train", "true", "--lora_target_modules", "query", "value", "--lora_r", "8"]``; None values are left out.
+    """
+    argv: list[str] = []
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{name}", "true" if value else "false"]
+        elif isinstance(value, list | tuple):
+            argv += [f"--{name}", *(str(item) for item in value)]
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from captioning.arguments import to_argv  # noqa: E402
 from captioning.tiny_models import build_tiny_blip  # noqa: E402
 
 logger = logging.getLogger("build_demo")
@@ -131,48 +132,32 @@ def pretrain(build: Path, seed: int) -> Path:
 
     init = build_tiny_blip(build / "init", WORDS, hidden=64, layers=2, image_size=IMAGE_SIZE, patch_size=8, seed=seed)
     run_dir = build / "pretrain-run"
-    main(
-        [
-            "--model_name_or_path",
-            str(init),
-            "--dataset_dir",
-            str(build / "pretrain"),
-            "--validation_split_percentage",
-            "0",
-            "--test_split_percentage",
-            "0",
-            "--use_lora",
-            "false",
-            "--do_train",
-            "--output_dir",
-            str(run_dir),
-            "--num_train_epochs",
-            "8",
-            "--learning_rate",
-            "2e-3",
-            "--warmup_steps",
-            "20",
-            "--lr_scheduler_type",
-            "cosine",
-            "--per_device_train_batch_size",
-            "64",
-            "--save_strategy",
-            "no",
-            "--logging_steps",
-            "50",
-            "--dataloader_num_workers",
-            "0",
-            "--seed",
-            str(seed),
-            "--report_to",
-            "none",
-        ]
+    argv = to_argv(
+        model_name_or_path=init,
+        dataset_dir=build / "pretrain",
+        validation_split_percentage=0,
+        test_split_percentage=0,
+        use_lora=False,
+        do_train=True,
+        output_dir=run_dir,
+        num_train_epochs=15,
+        learning_rate=2e-3,
+        warmup_steps=20,
+        lr_scheduler_type="cosine",
+        per_device_train_batch_size=64,
+        save_strategy="no",
+        logging_steps=50,
+        dataloader_num_workers=0,
+        seed=seed,
+        report_to="none",
     )
+    main(argv)
     model_dir = build / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     model_dir.mkdir(parents=True)
+    run_records = ("all_results.json", "train_results.json", "trainer_state.json", "training_args.bin")
     for path in run_dir.iterdir():
-        if path.is_file() and (path.suffix in (".json", ".safetensors", ".txt") or path.name.startswith("tokenizer")):
+        if path.is_file() and path.name not in run_records:
             shutil.copy2(path, model_dir / path.name)
     shutil.rmtree(run_dir)
     shutil.rmtree(init)

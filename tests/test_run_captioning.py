@@ -10,6 +10,7 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
+from captioning.arguments import to_argv
 from captioning.families import detect_family
 from collators import CaptionCollator, build_layout
 from run_captioning import main
@@ -20,40 +21,25 @@ METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "loss")
 
 
 def run(model_dir, data_dir, output_dir, *extra):
-    return main(
-        [
-            "--model_name_or_path",
-            str(model_dir),
-            "--dataset_dir",
-            str(data_dir),
-            "--output_dir",
-            str(output_dir),
-            "--do_train",
-            "--do_eval",
-            "--do_predict",
-            "--validation_split_percentage",
-            "25",
-            "--test_split_percentage",
-            "25",
-            "--num_train_epochs",
-            "1",
-            "--per_device_train_batch_size",
-            "4",
-            "--per_device_eval_batch_size",
-            "2",
-            "--learning_rate",
-            "1e-3",
-            "--max_new_tokens",
-            "5",
-            "--dataloader_num_workers",
-            "0",
-            "--compute_meteor",
-            "false",
-            "--report_to",
-            "none",
-            *extra,
-        ]
+    argv = to_argv(
+        model_name_or_path=model_dir,
+        dataset_dir=data_dir,
+        output_dir=output_dir,
+        do_train=True,
+        do_eval=True,
+        do_predict=True,
+        validation_split_percentage=25,
+        test_split_percentage=25,
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=2,
+        learning_rate=1e-3,
+        max_new_tokens=5,
+        dataloader_num_workers=0,
+        compute_meteor=False,
+        report_to="none",
     )
+    return main(argv + list(extra))
 
 
 def caption_with(model, processor_dir, image) -> str:
@@ -163,44 +149,27 @@ def test_overfits_a_handful_of_images(tiny_models, tmp_path, family):
             Image.new("RGB", (32, 32), colours[name]).save(data / f"{name}.png")
             handle.write(json.dumps({"file_name": f"{name}.png", "caption": caption}) + "\n")
     output = tmp_path / "out"
-    main(
-        [
-            "--model_name_or_path",
-            str(tiny_models[family]),
-            "--output_dir",
-            str(output),
-            "--train_file",
-            str(data / "metadata.jsonl"),
-            "--test_file",
-            str(data / "metadata.jsonl"),
-            "--do_train",
-            "--do_predict",
-            "--use_lora",
-            "false",
-            "--validation_split_percentage",
-            "0",
-            "--num_train_epochs",
-            "150",
-            "--learning_rate",
-            "3e-3",
-            "--per_device_train_batch_size",
-            "4",
-            "--save_strategy",
-            "no",
-            "--num_beams",
-            "1",
-            "--max_new_tokens",
-            "8",
-            "--min_new_tokens",
-            "0",
-            "--dataloader_num_workers",
-            "0",
-            "--compute_meteor",
-            "false",
-            "--seed",
-            "0",
-        ]
+    argv = to_argv(
+        model_name_or_path=tiny_models[family],
+        output_dir=output,
+        train_file=data / "metadata.jsonl",
+        test_file=data / "metadata.jsonl",
+        do_train=True,
+        do_predict=True,
+        use_lora=False,
+        validation_split_percentage=0,
+        num_train_epochs=150,
+        learning_rate=3e-3,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        num_beams=1,
+        max_new_tokens=8,
+        min_new_tokens=0,
+        dataloader_num_workers=0,
+        compute_meteor=False,
+        seed=0,
     )
+    main(argv)
     predictions = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
     assert {line["image"]: line["prediction"] for line in predictions} == {
         f"{name}.png": caption for name, caption in captions.items()

@@ -10,6 +10,7 @@ import torch
 from transformers import BlipForConditionalGeneration
 
 import metrics
+from captioning.arguments import to_argv
 from captioning.trainer import CaptioningTrainer
 from collators import CaptionLayout
 from run_captioning import main
@@ -17,32 +18,20 @@ from tests.conftest import make_caption_folder
 
 
 def _run(model_dir, data_dir, output_dir, *extra):
-    return main(
-        [
-            "--model_name_or_path",
-            str(model_dir),
-            "--dataset_dir",
-            str(data_dir),
-            "--output_dir",
-            str(output_dir),
-            "--do_eval",
-            "--validation_split_percentage",
-            "40",
-            "--test_split_percentage",
-            "0",
-            "--per_device_eval_batch_size",
-            "3",
-            "--max_new_tokens",
-            "4",
-            "--num_beams",
-            "2",
-            "--dataloader_num_workers",
-            "0",
-            "--compute_meteor",
-            "false",
-            *extra,
-        ]
+    argv = to_argv(
+        model_name_or_path=model_dir,
+        dataset_dir=data_dir,
+        output_dir=output_dir,
+        do_eval=True,
+        validation_split_percentage=40,
+        test_split_percentage=0,
+        per_device_eval_batch_size=3,
+        max_new_tokens=4,
+        num_beams=2,
+        dataloader_num_workers=0,
+        compute_meteor=False,
     )
+    return main(argv + list(extra))
 
 
 def test_generate_never_sees_a_reference_caption(tiny_blip, tmp_path, monkeypatch):
