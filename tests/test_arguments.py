@@ -108,12 +108,12 @@ def test_help_documents_every_flag():
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_parses_and_validates(config):
+def test_every_shipped_config_parses_and_validates(config, tmp_path):
     text = config.read_text()
     assert "run_captioning.py" in text.split("\n\n")[0] or "make demo" in text.split("\n\n")[0], (
         "the header must carry the run command"
     )
-    args = parse_args(["--config", str(config), *CPU])
+    args = parse_args(["--config", str(config), *CPU, "--output_dir", str(tmp_path / "run")])
     validate_args(*args)
 
 
