@@ -174,3 +174,53 @@ def test_overfits_a_handful_of_images(tiny_models, tmp_path, family):
     assert {line["image"]: line["prediction"] for line in predictions} == {
         f"{name}.png": caption for name, caption in captions.items()
     }
+
+
+def test_best_checkpoint_by_cider_and_early_stopping(tiny_blip, caption_folder, tmp_path):
+    output = tmp_path / "out"
+    # A zero learning rate never improves CIDEr: patience 1 stops after the second evaluation of five epochs.
+    run(
+        tiny_blip,
+        caption_folder,
+        output,
+        "--num_train_epochs",
+        "5",
+        "--learning_rate",
+        "0",
+        "--early_stopping_patience",
+        "1",
+    )
+    state = json.loads((output / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_cider" in entry]
+    assert [entry["epoch"] for entry in evaluations] == [1.0, 2.0]
+    assert state["best_metric"] == max(entry["eval_cider"] for entry in evaluations)
+    # 6 training images x 3 captions = 18 rows, 5 steps an epoch: the first evaluation's checkpoint stays the best
+    assert state["best_model_checkpoint"].endswith("checkpoint-5")
+
+
+def test_demo_builds_and_runs_with_its_config(tmp_path):
+    """The demo's build script and config work together (small sizes here; `make demo` runs the full ones)."""
+    from demo.build_demo import main as build_demo
+
+    build = tmp_path / "build"
+    build_demo(["--build_dir", str(build), "--pretrain_images", "64", "--domain_images", "40"])
+    assert (build / "model" / "model.safetensors").is_file() and not (build / "pretrain").exists()
+    output = tmp_path / "demo"
+    results = main(
+        [
+            "--config",
+            "configs/demo.yaml",
+            "--model_name_or_path",
+            str(build / "model"),
+            "--dataset_dir",
+            str(build / "data"),
+            "--output_dir",
+            str(output),
+            "--num_train_epochs",
+            "1",
+            "--compute_meteor",
+            "false",
+        ]
+    )
+    assert set(results) == {"baseline", "train", "eval", "predict"}
+    assert (output / "baseline_results.json").is_file() and (output / "eval_results.json").is_file()
