@@ -26,7 +26,7 @@ from captioning.modeling import (
     load_model,
     load_processor,
 )
-from captioning.outputs import write_predictions
+from captioning.outputs import write_captioning_config, write_predictions
 from captioning.trainer import CaptioningTrainer, build_generation_kwargs
 from collators import CaptionCollator, build_layout
 from metrics import CaptionScorer
@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         scorer=CaptionScorer(use_meteor=caption_args.compute_meteor),
         callbacks=early_stopping(caption_args),
     )
+    if trainer.is_world_process_zero():
+        write_captioning_config(
+            training_args.output_dir,
+            family=family.name,
+            base_model=model_args.model_name_or_path,
+            caption_prompt=data_args.caption_prompt,
+            generation_kwargs=trainer.generation_kwargs,
+            max_caption_length=data_args.max_caption_length,
+        )
     try:
         return run_phases(trainer, splits, caption_args, training_args)
     finally:

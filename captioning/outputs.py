@@ -42,3 +42,36 @@ def write_predictions(
         for image, prediction, refs in zip(image_ids, predictions, references, strict=True)
     ]
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+CAPTIONING_CONFIG = "captioning_config.json"
+
+
+def write_captioning_config(
+    output_dir: str | Path,
+    *,
+    family: str,
+    base_model: str,
+    caption_prompt: str,
+    generation_kwargs: dict,
+    max_caption_length: int,
+) -> None:
+    """What inference needs to caption like training did: the prompt, the family and the generation settings."""
+    write_json(
+        Path(output_dir) / CAPTIONING_CONFIG,
+        {
+            "family": family,
+            "base_model": base_model,
+            "caption_prompt": caption_prompt,
+            "generation": generation_kwargs,
+            "max_caption_length": max_caption_length,
+        },
+    )
+
+
+def read_captioning_config(model_dir: str | Path) -> dict | None:
+    """The ``captioning_config.json`` of a run's output_dir, or None if the folder has none."""
+    path = Path(model_dir) / CAPTIONING_CONFIG
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -79,6 +79,7 @@ def test_train_evaluate_predict(tiny_models, caption_folder, tmp_path, family, m
         "trainer_state.json",
         "predictions.jsonl",
         "tokenizer_config.json",
+        "captioning_config.json",
     ):
         assert (output / name).is_file(), name
     eval_results = json.loads((output / "eval_results.json").read_text())
