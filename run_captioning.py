@@ -17,10 +17,13 @@ from transformers import EarlyStoppingCallback, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 from captioning.arguments import parse_args, validate_args
+from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
 from captioning.families import detect_family
 from captioning.modeling import (
     apply_label_smoothing,
+    base_model_path,
+    check_adapter_args,
     check_label_smoothing,
     load_config,
     load_model,
@@ -39,6 +42,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model_args, data_args, lora_args, caption_args, training_args = parse_args(argv)
     setup_logging(training_args)
     validate_args(model_args, data_args, lora_args, caption_args, training_args)
+    training_args.resume_from_checkpoint = resolve_resume_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+    check_adapter_args(model_args, lora_args)
     config = load_config(model_args)
     family = detect_family(config)
     check_label_smoothing(family, training_args.label_smoothing_factor)
@@ -65,13 +72,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         layout=layout,
         generation_kwargs=build_generation_kwargs(caption_args, family),
         scorer=CaptionScorer(use_meteor=caption_args.compute_meteor),
-        callbacks=early_stopping(caption_args),
+        callbacks=[MarkCompleteCheckpoints(), *early_stopping(caption_args)],
     )
     if trainer.is_world_process_zero():
         write_captioning_config(
             training_args.output_dir,
             family=family.name,
-            base_model=model_args.model_name_or_path,
+            base_model=base_model_path(model_args),
             caption_prompt=data_args.caption_prompt,
             generation_kwargs=trainer.generation_kwargs,
             max_caption_length=data_args.max_caption_length,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -200,6 +201,7 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
     - ``dataloader_num_workers=2``: images are decoded in worker processes.
     - ``ddp_find_unused_parameters=False``: every trainable parameter takes part in the loss.
     - ``dataloader_pin_memory=False`` when no GPU is present (pinning needs one).
+    - ``use_cpu=True`` when several processes are launched on a machine without GPUs (gloo data parallelism).
     - ``load_best_model_at_end`` turns off by itself when ``save_strategy`` or ``eval_strategy`` is ``no``.
     """
 
@@ -225,6 +227,13 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "DDP search for unused parameters; not needed here, and slow."}
     )
 
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue a run: a checkpoint folder, or `latest` for the newest completely saved "
+            "checkpoint in --output_dir."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -236,6 +245,8 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
     def __post_init__(self):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                self.use_cpu = True  # several processes and no GPU: accelerate's multi-CPU (gloo) mode
         if "no" in (
             getattr(self.save_strategy, "value", self.save_strategy),
             getattr(self.eval_strategy, "value", self.eval_strategy),

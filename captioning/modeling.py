@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -19,21 +21,50 @@ logger = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"
 # Output heads stay out of "all-linear": adapting the vocabulary projection is rarely wanted (PEFT excludes it too).
 _HEAD_NAMES = ("lm_head", "cls.predictions.decoder")
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def adapter_base_model(path: str) -> str | None:
+    """The base model a local LoRA adapter folder (a finished run's output_dir) was trained on, or None."""
+    adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return None
+    base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"--model_name_or_path {path}: adapter_config.json does not name its base model.")
+    return base
+
+
+def base_model_path(model_args: ModelArguments) -> str:
+    """Where the base weights and config come from: the checkpoint itself, or an adapter's base."""
+    return adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
 
 
 def load_config(model_args: ModelArguments):
     return AutoConfig.from_pretrained(
-        model_args.model_name_or_path,
+        base_model_path(model_args),
         revision=model_args.revision,
         cache_dir=model_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
     )
 
 
+def check_adapter_args(model_args: ModelArguments, lora_args: LoraArguments) -> None:
+    if adapter_base_model(model_args.model_name_or_path) and not lora_args.use_lora:
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path} is a LoRA adapter; --use_lora false would "
+            "fine-tune its base without it. Merge it first (python merge_adapter.py) or keep LoRA on."
+        )
+
+
 def load_processor(model_args: ModelArguments):
     """The checkpoint's processor (image processor + tokenizer); the torchvision-backed one when available."""
+    source = model_args.processor_name_or_path or model_args.model_name_or_path
+    if model_args.processor_name_or_path is None and adapter_base_model(source):
+        has_processor = any((Path(source) / name).is_file() for name in _PROCESSOR_FILES)
+        source = source if has_processor else base_model_path(model_args)
     return AutoProcessor.from_pretrained(
-        model_args.processor_name_or_path or model_args.model_name_or_path,
+        source,
         revision=model_args.revision,
         cache_dir=model_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
@@ -128,8 +159,9 @@ def load_model(
     quantization_config = build_quantization_config(lora_args)
     # One copy per process: device_map="auto" would shard a quantized model across GPUs, which DDP cannot train.
     device_map = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+    adapter = adapter_base_model(model_args.model_name_or_path) is not None
     model = family.model_class.from_pretrained(
-        model_args.model_name_or_path,
+        base_model_path(model_args),
         config=config,
         revision=model_args.revision,
         cache_dir=model_args.cache_dir,
@@ -144,10 +176,18 @@ def load_model(
         # Freezes the base and upcasts norms to fp32. Activation checkpointing is left to the Trainer, which enables
         # it non-reentrant: no input-embedding grad hook (that hook breaks BLIP's in-place embedding sum).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if lora_args.use_lora:
-        targets = resolve_lora_targets(model, family, lora_args)
+    if adapter:
+        # A finished run's adapter: evaluate it, or keep training it with its own LoRA settings.
         with warnings.catch_warnings():
             # peft reads the deprecated `is_gradient_checkpointing` alias; nothing for users to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=True)
+        logger.info(
+            "Loaded the LoRA adapter in %s on top of %s", model_args.model_name_or_path, base_model_path(model_args)
+        )
+    elif lora_args.use_lora:
+        targets = resolve_lora_targets(model, family, lora_args)
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_peft_model(model, build_lora_config(lora_args, targets))
         logger.info("LoRA on %d layers: %s", len(targets), summarize_targets(targets))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +17,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from captioning.data import CaptionImages, CaptionPairs
 from captioning.families import ModelFamily
+from captioning.outputs import write_json, write_text_atomic
 from collators import CaptionLayout
 
 logger = logging.getLogger(__name__)
@@ -45,9 +50,48 @@ class CaptioningTrainer(Seq2SeqTrainer):
 
     def __init__(self, *args, layout: CaptionLayout, generation_kwargs: dict, scorer, **kwargs):
         super().__init__(*args, **kwargs)
+        # BLIP's text decoder and T5 take **kwargs but ignore `num_items_in_batch` and return a per-device mean; the
+        # Trainer would still multiply that mean by the number of processes (2x the gradient on 2 GPUs, 8x on 8).
+        # Per-device means, averaged by DDP, are right for every family.
+        self.model_accepts_loss_kwargs = False
         self.layout = layout
         self.generation_kwargs = dict(generation_kwargs)
         self.scorer = scorer
+
+    # --- outputs a later step trusts are written atomically (a crash never leaves half a file) -----------------
+
+    def save_metrics(self, split, metrics, combined=True):
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        write_json(output_dir / f"{split}_results.json", metrics)
+        if combined:
+            path = output_dir / "all_results.json"
+            all_metrics = json.loads(path.read_text()) if path.is_file() else {}
+            all_metrics.update(metrics)
+            write_json(path, all_metrics)
+
+    def save_state(self):
+        if self.is_world_process_zero():
+            state = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
+            write_text_atomic(Path(self.args.output_dir) / "trainer_state.json", state)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Checkpoints are saved as the Trainer does (MarkCompleteCheckpoints flags finished ones); the final model
+        is saved into a staging folder first and its files moved into place one by one."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = Path(output_dir or self.args.output_dir)
+        staging = output_dir / ".saving"
+        super().save_model(str(staging), _internal_call)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            for path in staging.iterdir():
+                os.replace(path, output_dir / path.name)
+            staging.rmdir()
+        self.accelerator.wait_for_everyone()
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if "image_index" not in inputs:  # captioned rows: the evaluation loss
