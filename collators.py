@@ -10,6 +10,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from captioning.families import BLIP_DECODER, DECODER_ONLY, ENCODER_DECODER, ModelFamily
+from captioning.grouping import unique_images
 
 IGNORE_INDEX = -100
 
@@ -133,17 +134,26 @@ class CaptionCollator:
     Training rows ``{"image": PIL.Image, "caption": str, ...}`` give
         ``pixel_values`` float (B, 3, H, W), ``input_ids`` / ``attention_mask`` long (B, L), ``labels`` long (B, L'),
         padded to the longest caption of the batch, padding and prompt set to -100 in ``labels``.
+    With ``group_images`` (training rows then carry ``image_index``), each image is processed once:
+        ``pixel_values`` (U, 3, H, W) for the U distinct images and ``image_group`` long (B,), the position of each
+        row's image among them (see captioning/grouping.py).
     Generation rows ``{"image": PIL.Image, "image_index": int}`` (no caption) give
         ``pixel_values``, the prompt as ``input_ids`` / ``attention_mask`` (B, P) and ``image_index`` long (B,).
     """
 
     def __init__(
-        self, image_processor, tokenizer: PreTrainedTokenizerBase, layout: CaptionLayout, max_caption_length: int = 64
+        self,
+        image_processor,
+        tokenizer: PreTrainedTokenizerBase,
+        layout: CaptionLayout,
+        max_caption_length: int = 64,
+        group_images: bool = False,
     ):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.layout = layout
         self.max_caption_length = max_caption_length
+        self.group_images = group_images
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if "caption" in rows[0]:
@@ -161,12 +171,13 @@ class CaptionCollator:
         inputs, labels = zip(*(self.layout.training_sequence(ids) for ids in caption_ids), strict=True)
         input_ids, attention_mask = _pad(inputs, self.layout.pad_id)
         label_ids, _ = _pad(labels, IGNORE_INDEX)
-        return {
-            "pixel_values": self.pixel_values(rows),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": label_ids,
-        }
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+        if self.group_images:
+            first_rows, batch["image_group"] = unique_images([row["image_index"] for row in rows])
+            batch["pixel_values"] = self.pixel_values([rows[i] for i in first_rows])
+        else:
+            batch["pixel_values"] = self.pixel_values(rows)
+        return batch
 
     def collate_generation(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         prompt = torch.tensor([self.layout.generation_prompt()] * len(rows), dtype=torch.long)

@@ -20,14 +20,17 @@ from captioning.arguments import parse_args, validate_args
 from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
 from captioning.families import detect_family
+from captioning.hub import check_push_config, push_output_dir
 from captioning.modeling import (
     apply_label_smoothing,
     base_model_path,
     check_adapter_args,
     check_label_smoothing,
+    image_feature_module,
     load_config,
     load_model,
     load_processor,
+    vision_tower_frozen,
 )
 from captioning.outputs import write_captioning_config, write_predictions
 from captioning.trainer import CaptioningTrainer, build_generation_kwargs
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model_args, data_args, lora_args, caption_args, training_args = parse_args(argv)
     setup_logging(training_args)
     validate_args(model_args, data_args, lora_args, caption_args, training_args)
+    check_push_config(training_args.push_to_hub, training_args.hub_model_id, training_args.hub_token)
+    push_requested, training_args.push_to_hub = training_args.push_to_hub, False  # the Trainer never pushes
     training_args.resume_from_checkpoint = resolve_resume_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir
     )
@@ -59,6 +64,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     apply_label_smoothing(model, family, training_args.label_smoothing_factor)
     training_args.label_smoothing_factor = 0.0  # applied inside BLIP's loss, where the logits are aligned
     layout = build_layout(family, model.config, processor.tokenizer, data_args.caption_prompt)
+    group_images = training_args.captions_per_image_in_batch > 1 and vision_tower_frozen(model, family)
+    if group_images:
+        logger.info(
+            "Vision tower frozen: up to %d captions of an image share a batch and one vision pass.",
+            training_args.captions_per_image_in_batch,
+        )
 
     trainer = CaptioningTrainer(
         model=model,
@@ -66,12 +77,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         train_dataset=CaptionPairs(splits["train"]) if "train" in splits else None,
         eval_dataset=CaptionImages(splits["validation"]) if "validation" in splits else None,
         data_collator=CaptionCollator(
-            processor.image_processor, processor.tokenizer, layout, data_args.max_caption_length
+            processor.image_processor, processor.tokenizer, layout, data_args.max_caption_length, group_images
         ),
         processing_class=processor,
         layout=layout,
         generation_kwargs=build_generation_kwargs(caption_args, family),
         scorer=CaptionScorer(use_meteor=caption_args.compute_meteor),
+        image_feature_module=image_feature_module(model, family),
+        captions_per_image_in_batch=training_args.captions_per_image_in_batch if group_images else 1,
         callbacks=[MarkCompleteCheckpoints(), *early_stopping(caption_args)],
     )
     if trainer.is_world_process_zero():
@@ -84,9 +97,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             max_caption_length=data_args.max_caption_length,
         )
     try:
-        return run_phases(trainer, splits, caption_args, training_args)
+        results = run_phases(trainer, splits, caption_args, training_args)
     finally:
         trainer.scorer.close()
+    if push_requested and trainer.is_world_process_zero():
+        push_output_dir(training_args.output_dir, training_args.hub_model_id, private=training_args.hub_private_repo)
+    return results
 
 
 def setup_logging(training_args) -> None:

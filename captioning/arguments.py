@@ -201,6 +201,8 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
     - ``dataloader_num_workers=2``: images are decoded in worker processes.
     - ``ddp_find_unused_parameters=False``: every trainable parameter takes part in the loss.
     - ``dataloader_pin_memory=False`` when no GPU is present (pinning needs one).
+    - ``captions_per_image_in_batch=5`` (ours): captions of an image share a batch and a vision pass when the
+      vision tower is frozen.
     - ``use_cpu=True`` when several processes are launched on a machine without GPUs (gloo data parallelism).
     - ``load_best_model_at_end`` turns off by itself when ``save_strategy`` or ``eval_strategy`` is ``no``.
     """
@@ -227,6 +229,14 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "DDP search for unused parameters; not needed here, and slow."}
     )
 
+    captions_per_image_in_batch: int = field(
+        default=5,
+        metadata={
+            "help": "When the vision tower is frozen, put up to this many captions of one image in the same "
+            "batch and run the vision encoder once per image for them (one pass instead of N). 1 draws every "
+            "(image, caption) row independently."
+        },
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={

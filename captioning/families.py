@@ -25,6 +25,7 @@ class ModelFamily:
     language_prefix: str  # module-name prefix of the text side
     vision_prefix: str  # module-name prefix of the vision tower
     vision_lora_target_modules: tuple[str, ...]  # attention layers adapted by --lora_vision
+    image_feature_module: str  # where the image side ends; its output is shared by the captions of an image
     num_beams: int  # generation defaults, after LAVIS' caption recipes
     max_new_tokens: int
     min_new_tokens: int
@@ -38,6 +39,7 @@ BLIP = ModelFamily(
     language_prefix="text_decoder.",
     vision_prefix="vision_model.",
     vision_lora_target_modules=("qkv", "projection"),
+    image_feature_module="vision_model",
     num_beams=3,
     max_new_tokens=20,
     min_new_tokens=5,
@@ -50,6 +52,7 @@ BLIP2_OPT = ModelFamily(
     language_prefix="language_model.",
     vision_prefix="vision_model.",
     vision_lora_target_modules=("qkv", "projection"),
+    image_feature_module="language_projection",
     num_beams=5,
     max_new_tokens=30,
     min_new_tokens=8,
@@ -62,6 +65,7 @@ BLIP2_T5 = ModelFamily(
     language_prefix="language_model.",
     vision_prefix="vision_model.",
     vision_lora_target_modules=("qkv", "projection"),
+    image_feature_module="language_projection",
     num_beams=5,
     max_new_tokens=30,
     min_new_tokens=8,

@@ -202,6 +202,22 @@ def load_model(
     return model
 
 
+def vision_tower_frozen(model: torch.nn.Module, family: ModelFamily) -> bool:
+    """True when no parameter of the vision tower is trained (LoRA without --lora_vision, --freeze_vision_tower)."""
+    marker = "." + family.vision_prefix
+    return not any(
+        parameter.requires_grad
+        for name, parameter in model.named_parameters()
+        if name.startswith(family.vision_prefix) or marker in name
+    )
+
+
+def image_feature_module(model: torch.nn.Module, family: ModelFamily) -> torch.nn.Module:
+    """The module whose output is shared by all captions of an image (see captioning/grouping.py)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.get_submodule(family.image_feature_module)
+
+
 def keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
     """bitsandbytes repacks 4-bit CPU weights for fast inference the first time a layer runs without grad (an
     evaluation); the repacked path has no backward, so training after an evaluation fails or, for layers without a

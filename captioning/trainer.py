@@ -6,17 +6,20 @@ import dataclasses
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
+from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import EvalLoopOutput
+from transformers.trainer_utils import EvalLoopOutput, seed_worker
 
 from captioning.data import CaptionImages, CaptionPairs
 from captioning.families import ModelFamily
+from captioning.grouping import ImageGroupedBatchSampler, expand_image_features
 from captioning.outputs import write_json, write_text_atomic
 from collators import CaptionLayout
 
@@ -48,8 +51,19 @@ class CaptioningTrainer(Seq2SeqTrainer):
     carry only ``pixel_values`` and the prompt, and captioned batches only ever reach the loss.
     """
 
-    def __init__(self, *args, layout: CaptionLayout, generation_kwargs: dict, scorer, **kwargs):
+    def __init__(
+        self,
+        *args,
+        layout: CaptionLayout,
+        generation_kwargs: dict,
+        scorer,
+        image_feature_module: torch.nn.Module | None = None,
+        captions_per_image_in_batch: int = 1,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.image_feature_module = image_feature_module
+        self.captions_per_image_in_batch = captions_per_image_in_batch
         # BLIP's text decoder and T5 take **kwargs but ignore `num_items_in_batch` and return a per-device mean; the
         # Trainer would still multiply that mean by the number of processes (2x the gradient on 2 GPUs, 8x on 8).
         # Per-device means, averaged by DDP, are right for every family.
@@ -57,6 +71,38 @@ class CaptioningTrainer(Seq2SeqTrainer):
         self.layout = layout
         self.generation_kwargs = dict(generation_kwargs)
         self.scorer = scorer
+
+    # --- image-grouped training: one vision pass per image for all of its captions in the batch ------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        image_group = inputs.pop("image_group", None)
+        if image_group is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with expand_image_features(self.image_feature_module, image_group):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def get_train_dataloader(self):
+        if self.captions_per_image_in_batch <= 1 or not isinstance(self.train_dataset, CaptionPairs):
+            return super().get_train_dataloader()
+        sampler = ImageGroupedBatchSampler(
+            self.train_dataset.image_index,
+            batch_size=self._train_batch_size,
+            captions_per_image=self.captions_per_image_in_batch,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        workers = self.args.dataloader_num_workers
+        dataloader = DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
+            worker_init_fn=partial(seed_worker, num_workers=workers, rank=self.args.process_index),
+        )
+        return self.accelerator.prepare(dataloader)
 
     # --- outputs a later step trusts are written atomically (a crash never leaves half a file) -----------------
 

@@ -76,13 +76,20 @@ def test_two_processes_give_the_metrics_of_one(tiny_blip, tmp_path):
     data = make_caption_folder(tmp_path / "data", num_images=23, captions_per_image=3)
     two = tmp_path / "two"
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "configs" / "accelerate" / "multi_gpu.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "multi_gpu.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
         str(ROOT / "run_captioning.py"),
     ]
-    flags = _flags(tiny_blip, data, two, do_train=True, do_eval=True, do_predict=True, num_train_epochs=2,
-                   learning_rate=3e-3)
+    flags = _flags(
+        tiny_blip, data, two, do_train=True, do_eval=True, do_predict=True, num_train_epochs=2, learning_rate=3e-3
+    )
     result = subprocess.run(launch + flags, env=_env(), capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     state = json.loads((two / "trainer_state.json").read_text())
@@ -90,8 +97,9 @@ def test_two_processes_give_the_metrics_of_one(tiny_blip, tmp_path):
     assert state["global_step"] == 2 * 4
     one = tmp_path / "one"
     flags = _flags(two, data, one, do_eval=True, do_predict=True)
-    result = subprocess.run([sys.executable, str(ROOT / "run_captioning.py"), *flags], env=_env(),
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_captioning.py"), *flags], env=_env(), capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
     for name, prefix in (("eval_results.json", "eval"), ("predict_results.json", "test")):

@@ -1,0 +1,99 @@
+"""Image-grouped training: same loss and gradients as one vision pass per row, and a sampler that keeps every row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor
+
+from captioning.arguments import LoraArguments, ModelArguments
+from captioning.families import detect_family
+from captioning.grouping import ImageGroupedBatchSampler, expand_image_features, unique_images
+from captioning.modeling import image_feature_module, load_model, vision_tower_frozen
+from collators import CaptionCollator, build_layout
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+CAPTIONS = ["a red dog", "the dog is red", "a man on the grass", "two blue cats", "a ball", "blue water"]
+
+
+def _rows():
+    """Six caption rows of three images, images interleaved (0, 1, 0, 2, 1, 0)."""
+    images = [Image.new("RGB", (36, 30), colour) for colour in COLOURS]
+    order = [0, 1, 0, 2, 1, 0]
+    return [{"image": images[i], "caption": CAPTIONS[row], "image_index": i} for row, i in enumerate(order)]
+
+
+def test_unique_images_maps_rows_to_first_occurrences():
+    first, group = unique_images([4, 7, 4, 9, 7, 4])
+    assert first == [0, 1, 3]
+    assert group.tolist() == [0, 1, 0, 2, 1, 0]
+
+
+@pytest.mark.parametrize("family", ["blip", "blip2-opt", "blip2-t5"])
+def test_grouped_loss_and_gradients_equal_ungrouped(tiny_models, family):
+    path = tiny_models[family]
+    config = AutoConfig.from_pretrained(path)
+    fam = detect_family(config)
+    torch.manual_seed(0)
+    model = load_model(ModelArguments(model_name_or_path=str(path)), LoraArguments(lora_dropout=0.0), config, fam)
+    model.eval()  # no dropout anywhere: the two paths must agree exactly, not in expectation
+    for name, parameter in model.named_parameters():  # LoRA B starts at zero; make the adapters matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    assert vision_tower_frozen(model, fam)
+    processor = AutoProcessor.from_pretrained(path)
+    layout = build_layout(fam, config, processor.tokenizer, "a photo of ")
+    rows = _rows()
+
+    plain = CaptionCollator(processor.image_processor, processor.tokenizer, layout)(rows)
+    grouped = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=True)(rows)
+    assert plain["pixel_values"].shape[0] == 6 and grouped["pixel_values"].shape[0] == 3
+    assert grouped["image_group"].tolist() == [0, 1, 0, 2, 1, 0]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        batch = dict(batch)
+        group = batch.pop("image_group", None)
+        if group is None:
+            loss = model(**batch).loss
+        else:
+            with expand_image_features(image_feature_module(model, fam), group):
+                loss = model(**batch).loss
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
+
+    plain_loss, plain_grads = loss_and_grads(plain)
+    grouped_loss, grouped_grads = loss_and_grads(grouped)
+    torch.testing.assert_close(grouped_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == grouped_grads.keys()
+    assert any(grad.abs().sum() > 0 for grad in plain_grads.values())
+    for name in plain_grads:
+        torch.testing.assert_close(grouped_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sampler_keeps_every_row_once_and_groups_captions():
+    image_index = np.repeat(np.arange(7), 5)  # 7 images x 5 captions
+    sampler = ImageGroupedBatchSampler(image_index, batch_size=10, captions_per_image=5, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 4
+    rows = [row for batch in batches for row in batch]
+    assert sorted(rows) == list(range(35))
+    # each image's five captions are consecutive, so a batch of 10 holds exactly two images
+    assert [len({int(image_index[row]) for row in batch}) for batch in batches[:3]] == [2, 2, 2]
+
+    again = ImageGroupedBatchSampler(image_index, batch_size=10, captions_per_image=5, seed=1)
+    assert list(again) == batches
+    sampler.set_epoch(1)
+    assert list(sampler) != batches and sorted(r for b in sampler for r in b) == list(range(35))
+
+
+def test_sampler_chunks_and_drop_last():
+    image_index = np.repeat(np.arange(4), 6)
+    sampler = ImageGroupedBatchSampler(image_index, batch_size=4, captions_per_image=2, seed=0, drop_last=True)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 6 and all(len(batch) == 4 for batch in batches)
+    for batch in batches:  # chunks of two captions of one image
+        assert image_index[batch[0]] == image_index[batch[1]] and image_index[batch[2]] == image_index[batch[3]]
