@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from transformers import EarlyStoppingCallback, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
-from captioning.arguments import parse_args, validate_args
+from captioning.arguments import Arguments, parse_args, validate_args
 from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
-from captioning.families import detect_family
+from captioning.families import ModelFamily, detect_family
 from captioning.hub import check_push_config, push_output_dir
+from captioning.model_card import adapted_module_names, build_card_context, count_split_sizes, write_model_card
 from captioning.modeling import (
     apply_label_smoothing,
     base_model_path,
@@ -33,76 +37,120 @@ from captioning.modeling import (
     vision_tower_frozen,
 )
 from captioning.outputs import write_captioning_config, write_predictions
+from captioning.plots import build_samples, plot_samples, plot_training_curves
+from captioning.scan import DataReport, scan_splits_once
 from captioning.trainer import CaptioningTrainer, build_generation_kwargs
 from collators import CaptionCollator, build_layout
 from metrics import CaptionScorer
 
 logger = logging.getLogger("run_captioning")
+GALLERY_SIZE = 8  # test images shown in samples.png
+
+
+@dataclass
+class RunRecord:
+    """What the phases produced, for the card, the pictures and the caller."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    test: CaptionImages | None = None
+    test_captions: list[str] | None = None
+    gallery_baseline: list[str] | None = None  # baseline captions of the first test images (the gallery)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run the job the flags describe; returns the metrics of each phase that ran (also written to output_dir)."""
-    model_args, data_args, lora_args, caption_args, training_args = parse_args(argv)
-    setup_logging(training_args)
-    validate_args(model_args, data_args, lora_args, caption_args, training_args)
-    check_push_config(training_args.push_to_hub, training_args.hub_model_id, training_args.hub_token)
-    push_requested, training_args.push_to_hub = training_args.push_to_hub, False  # the Trainer never pushes
-    training_args.resume_from_checkpoint = resolve_resume_checkpoint(
-        training_args.resume_from_checkpoint, training_args.output_dir
+    args = parse_args(argv)
+    setup_logging(args.training)
+    family, push_requested, label_smoothing = check_configuration(args)
+    splits = load_data(args)
+    trainer, model = build_trainer(args, family, splits)
+    try:
+        record = run_phases(trainer, splits, args.caption, args.training)
+    finally:
+        trainer.scorer.close()
+    if trainer.is_world_process_zero():
+        hub_model_id = args.training.hub_model_id if push_requested else None
+        write_card_and_pictures(args, trainer, record, splits, model, family, label_smoothing, hub_model_id)
+        if push_requested:
+            push_output_dir(args.training.output_dir, hub_model_id, private=args.training.hub_private_repo)
+    return record.metrics
+
+
+def check_configuration(args: Arguments) -> tuple[ModelFamily, bool, float]:
+    """Everything that can be checked before data or weights load. Returns the model family, whether to push at
+    the end, and the label smoothing asked for."""
+    training = args.training
+    validate_args(*args)
+    check_push_config(training.push_to_hub, training.hub_model_id, training.hub_token)
+    push_requested, training.push_to_hub = training.push_to_hub, False  # the Trainer itself never pushes
+    training.resume_from_checkpoint = resolve_resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
+    check_adapter_args(args.model, args.lora)
+    family = detect_family(load_config(args.model))
+    label_smoothing = training.label_smoothing_factor
+    check_label_smoothing(family, label_smoothing)
+    set_seed(training.seed)
+    return family, push_requested, label_smoothing
+
+
+def load_data(args: Arguments) -> dict:
+    """Per-image splits with unusable captions and images left out (counted in data_report.json)."""
+    report = DataReport()
+    splits = load_caption_splits(args.data, cache_dir=args.model.cache_dir, report=report)
+    check_splits(splits, args.training, args.caption)
+    splits, _ = scan_splits_once(
+        splits,
+        report=report,
+        scan_images=args.data.scan_images,
+        num_workers=args.data.preprocessing_num_workers,
+        max_bad_fraction=args.data.max_bad_fraction,
+        min_image_side=args.data.min_image_side,
+        show_progress=args.training.should_log and not args.training.disable_tqdm,
+        report_dir=args.training.output_dir if args.training.process_index == 0 else None,
     )
-    check_adapter_args(model_args, lora_args)
-    config = load_config(model_args)
-    family = detect_family(config)
-    check_label_smoothing(family, training_args.label_smoothing_factor)
-    set_seed(training_args.seed)
+    return splits
 
-    splits = load_caption_splits(data_args, cache_dir=model_args.cache_dir)
-    check_splits(splits, training_args, caption_args)
 
-    processor = load_processor(model_args)
-    model = load_model(model_args, lora_args, config, family)
-    apply_label_smoothing(model, family, training_args.label_smoothing_factor)
-    training_args.label_smoothing_factor = 0.0  # applied inside BLIP's loss, where the logits are aligned
-    layout = build_layout(family, model.config, processor.tokenizer, data_args.caption_prompt)
-    group_images = training_args.captions_per_image_in_batch > 1 and vision_tower_frozen(model, family)
+def build_trainer(args: Arguments, family: ModelFamily, splits: dict) -> tuple[CaptioningTrainer, torch.nn.Module]:
+    """Processor, model (LoRA / k-bit / full), collator, and the CaptioningTrainer around them."""
+    training = args.training
+    processor = load_processor(args.model)
+    model = load_model(args.model, args.lora, load_config(args.model), family)
+    apply_label_smoothing(model, family, training.label_smoothing_factor)
+    training.label_smoothing_factor = 0.0  # applied inside BLIP's loss, where the logits are aligned
+    layout = build_layout(family, model.config, processor.tokenizer, args.data.caption_prompt)
+    group_images = training.captions_per_image_in_batch > 1 and vision_tower_frozen(model, family)
     if group_images:
         logger.info(
             "Vision tower frozen: up to %d captions of an image share a batch and one vision pass.",
-            training_args.captions_per_image_in_batch,
+            training.captions_per_image_in_batch,
         )
-
+    collator = CaptionCollator(
+        processor.image_processor, processor.tokenizer, layout, args.data.max_caption_length, group_images
+    )
     trainer = CaptioningTrainer(
         model=model,
-        args=training_args,
+        args=training,
         train_dataset=CaptionPairs(splits["train"]) if "train" in splits else None,
         eval_dataset=CaptionImages(splits["validation"]) if "validation" in splits else None,
-        data_collator=CaptionCollator(
-            processor.image_processor, processor.tokenizer, layout, data_args.max_caption_length, group_images
-        ),
+        data_collator=collator,
         processing_class=processor,
         layout=layout,
-        generation_kwargs=build_generation_kwargs(caption_args, family),
-        scorer=CaptionScorer(use_meteor=caption_args.compute_meteor),
+        generation_kwargs=build_generation_kwargs(args.caption, family),
+        scorer=CaptionScorer(use_meteor=args.caption.compute_meteor),
         image_feature_module=image_feature_module(model, family),
-        captions_per_image_in_batch=training_args.captions_per_image_in_batch if group_images else 1,
-        callbacks=[MarkCompleteCheckpoints(), *early_stopping(caption_args)],
+        captions_per_image_in_batch=training.captions_per_image_in_batch if group_images else 1,
+        callbacks=[MarkCompleteCheckpoints(), *early_stopping(args.caption)],
     )
     if trainer.is_world_process_zero():
         write_captioning_config(
-            training_args.output_dir,
+            training.output_dir,
             family=family.name,
-            base_model=base_model_path(model_args),
-            caption_prompt=data_args.caption_prompt,
+            base_model=base_model_path(args.model),
+            caption_prompt=args.data.caption_prompt,
             generation_kwargs=trainer.generation_kwargs,
-            max_caption_length=data_args.max_caption_length,
+            max_caption_length=args.data.max_caption_length,
         )
-    try:
-        results = run_phases(trainer, splits, caption_args, training_args)
-    finally:
-        trainer.scorer.close()
-    if push_requested and trainer.is_world_process_zero():
-        push_output_dir(training_args.output_dir, training_args.hub_model_id, private=training_args.hub_private_repo)
-    return results
+    return trainer, model
 
 
 def setup_logging(training_args) -> None:
@@ -154,13 +202,16 @@ def early_stopping(caption_args) -> list:
     return [EarlyStoppingCallback(early_stopping_patience=caption_args.early_stopping_patience)]
 
 
-def run_phases(trainer: CaptioningTrainer, splits: dict, caption_args, training_args) -> dict[str, dict[str, float]]:
+def run_phases(trainer: CaptioningTrainer, splits: dict, caption_args, training_args) -> RunRecord:
     """Baseline, train, evaluate, predict: each writes its results file in output_dir."""
-    results: dict[str, dict[str, float]] = {}
+    record = RunRecord()
     if caption_args.eval_baseline:
         logger.info("Evaluating the model before fine-tuning (baseline)")
-        results["baseline"] = trainer.evaluate()
-        trainer.save_metrics("baseline", results["baseline"], combined=False)
+        record.metrics["baseline"] = trainer.evaluate()
+        trainer.save_metrics("baseline", record.metrics["baseline"], combined=False)
+        if training_args.do_predict:  # captions before fine-tuning for the sample gallery
+            gallery = CaptionImages(splits["test"].select(range(min(GALLERY_SIZE, len(splits["test"])))))
+            record.gallery_baseline = trainer.predict(gallery, metric_key_prefix="gallery").predictions
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -171,28 +222,63 @@ def run_phases(trainer: CaptioningTrainer, splits: dict, caption_args, training_
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-        results["train"] = metrics
+        record.metrics["train"] = metrics
 
     if training_args.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = len(trainer.eval_dataset)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-        results["eval"] = metrics
+        record.metrics["eval"] = metrics
 
     if training_args.do_predict:
-        test = CaptionImages(splits["test"])
-        output = trainer.predict(test, metric_key_prefix="test")
+        record.test = CaptionImages(splits["test"])
+        output = trainer.predict(record.test, metric_key_prefix="test")
+        record.test_captions = output.predictions
         metrics = dict(output.metrics)
-        metrics["test_samples"] = len(test)
+        metrics["test_samples"] = len(record.test)
         trainer.log_metrics("predict", metrics)
         trainer.save_metrics("predict", metrics)
         if trainer.is_world_process_zero():
             write_predictions(
-                f"{training_args.output_dir}/predictions.jsonl", test.image_ids, output.predictions, test.references
+                f"{training_args.output_dir}/predictions.jsonl",
+                record.test.image_ids,
+                record.test_captions,
+                record.test.references,
             )
-        results["predict"] = metrics
-    return results
+        record.metrics["predict"] = metrics
+    return record
+
+
+def write_card_and_pictures(
+    args: Arguments, trainer, record: RunRecord, splits, model, family, label_smoothing, hub_model_id
+) -> None:
+    """training_curves.png, samples.png, then the model card (README.md) last: saving a model rewrites README.md."""
+    output_dir = Path(args.training.output_dir)
+    plot_training_curves(
+        trainer.state.log_history, output_dir / "training_curves.png", baseline=record.metrics.get("baseline")
+    )
+    if record.test is not None and len(record.test):
+        shown = range(min(GALLERY_SIZE, len(record.test)))
+        samples = build_samples(
+            [record.test[i]["image"] for i in shown],
+            record.test_captions,
+            record.test.references,
+            baselines=record.gallery_baseline,
+            limit=GALLERY_SIZE,
+        )
+        plot_samples(samples, output_dir / "samples.png")
+    context = build_card_context(
+        *args,
+        family=family,
+        label_smoothing=label_smoothing,
+        split_sizes=count_split_sizes(splits),
+        lora_target_modules=adapted_module_names(model),
+        hub_model_id=hub_model_id,
+        output_dir=output_dir,
+        license=args.caption.license,
+    )
+    write_model_card(output_dir, context)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -115,6 +116,33 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on only this many images."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Predict on only this many test images."})
+    scan_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training, in parallel, and leave out the unreadable ones "
+            "(missing, empty, truncated, not an image, over PIL's decompression-bomb limit), counted in "
+            "output_dir/data_report.json. --scan_images false skips this for data you have validated: a bad image "
+            "then stops the run when the DataLoader reaches it."
+        },
+    )
+    max_bad_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "Stop before training when more than this fraction of a split's images is unusable "
+            "(0.01 = 1 %%). The error and data_report.json name the files."
+        },
+    )
+    min_image_side: int = field(
+        default=1,
+        metadata={
+            "help": "Leave out images whose shorter side (after EXIF rotation) is below this many pixels. 1 keeps "
+            "every image that decodes: the image processor resizes any size."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Processes for the image scan (default: one per CPU; 0 runs it in the main process)."},
+    )
     max_caption_length: int = field(
         default=64, metadata={"help": "Caption tokens kept per training row (prompt and special tokens not counted)."}
     )
@@ -177,6 +205,10 @@ class CaptioningArguments:
     length_penalty: float = field(default=1.0, metadata={"help": "Beam-search length penalty."})
     compute_meteor: bool = field(
         default=True, metadata={"help": "Score METEOR (needs Java; skipped with a warning when Java is missing)."}
+    )
+    license: str | None = field(
+        default=None,
+        metadata={"help": "License of the published model, for the model card (e.g. apache-2.0, mit, cc-by-4.0)."},
     )
     eval_baseline: bool = field(
         default=False,
@@ -348,7 +380,17 @@ def yaml_to_argv(path: str | Path, parser: argparse.ArgumentParser) -> list[str]
     return argv
 
 
-def parse_args(argv: list[str] | None = None):
+class Arguments(NamedTuple):
+    """The five argument groups of a run."""
+
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    caption: CaptioningArguments
+    training: CaptioningTrainingArguments
+
+
+def parse_args(argv: list[str] | None = None) -> Arguments:
     """Parse the command line (and ``--config``) into the five argument dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -361,7 +403,7 @@ def parse_args(argv: list[str] | None = None):
     for name, replacement in _SUPERSEDED_FLAGS.items():
         if getattr(training_args, name) is not None:
             raise ValueError(f"--{name} is not used by this script; give {replacement} instead.")
-    return model_args, data_args, lora_args, caption_args, training_args
+    return Arguments(model_args, data_args, lora_args, caption_args, training_args)
 
 
 def _find_config(argv: list[str]) -> str | None:
@@ -418,6 +460,12 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
         value = getattr(data_args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} {value}: must be a positive number of images (or left unset).")
+    if not 0 <= data_args.max_bad_fraction < 1:
+        raise ValueError(f"--max_bad_fraction {data_args.max_bad_fraction}: must be at least 0 and below 1.")
+    if data_args.min_image_side < 1:
+        raise ValueError(f"--min_image_side {data_args.min_image_side}: must be at least 1.")
+    if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers < 0:
+        raise ValueError(f"--preprocessing_num_workers {data_args.preprocessing_num_workers}: must be 0 or more.")
     if data_args.max_caption_length < 1:
         raise ValueError(f"--max_caption_length {data_args.max_caption_length}: must be at least 1.")
 
@@ -476,7 +524,8 @@ def check_output_dir(training_args) -> None:
     output_dir = Path(training_args.output_dir)
     if not output_dir.is_dir() or training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
         return
-    existing = sorted(path.name for path in output_dir.iterdir())
+    # data_report.json alone is what a run stopped by bad data leaves: rerunning after fixing the data is fine.
+    existing = sorted(path.name for path in output_dir.iterdir() if path.name != "data_report.json")
     if existing:
         shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
         raise ValueError(

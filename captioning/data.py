@@ -1,12 +1,14 @@
 """Caption data: load a Hub dataset, csv/jsonl files or a local dataset folder into per-image splits (split by
-image, never by caption row), and the two views the trainer reads: caption pairs for training, images with all
-their references for evaluation."""
+image, never by caption row), cleaning captions on the way (what is dropped is counted in a ``DataReport``; the
+catalogue of bad inputs is in ``captioning.scan``), and the two views the trainer reads: caption pairs for
+training, images with all their references for evaluation."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,9 +17,11 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from PIL import Image
 
 from .arguments import DataArguments
-from .images import load_image
+from .images import describe, load_image
+from .scan import DUPLICATE, LONG, NAN_TEXTS, NO_CAPTION, CaptionStats, DataReport
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +53,25 @@ LOCAL_FEATURES = datasets.Features(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_caption_splits(data_args: DataArguments, *, cache_dir: str | None = None) -> dict[str, datasets.Dataset]:
+def load_caption_splits(
+    data_args: DataArguments, *, cache_dir: str | None = None, report: DataReport | None = None
+) -> dict[str, datasets.Dataset]:
     """Load the configured source and return per-image splits, keys among "train", "validation", "test".
 
     Every split has the columns ``image`` (path or ``Image(decode=False)`` value), ``references`` (list of
-    captions) and ``image_id``. No image is opened here; ``CaptionPairs``/``CaptionImages`` decode them.
+    captions) and ``image_id``. No image is opened here (``captioning.scan.scan_splits`` checks them next).
+    Captions that are empty, whitespace only, null or NaN are dropped, duplicate (image, caption) rows collapse,
+    rows that are not UTF-8 are skipped and images left without a caption are dropped: all counted, per source, in
+    ``report`` when one is given (which also gets the size of every split).
     """
+    report = report if report is not None else DataReport()
     source = check_source(data_args)
     if source == "dataset_name":
-        splits = load_hub_splits(data_args, cache_dir=cache_dir)
+        splits = load_hub_splits(data_args, cache_dir=cache_dir, report=report)
     elif source == "files":
-        splits = load_file_splits(data_args)
+        splits = load_file_splits(data_args, report=report)
     else:
-        splits = load_dir_splits(data_args)
+        splits = load_dir_splits(data_args, report=report)
     if not splits:
         raise ValueError(f"{_describe_source(data_args)}: found no train, validation or test split.")
     splits = split_by_image(splits, data_args)
@@ -70,14 +80,33 @@ def load_caption_splits(data_args: DataArguments, *, cache_dir: str | None = Non
         if name in splits:
             captions = sum(len(refs) for refs in _column(splits[name], "references"))
             logger.info("%s split: %d images, %d captions", name, len(splits[name]), captions)
+            entry = report.split(name)
+            entry.images_total = entry.images_kept = len(splits[name])
+            entry.captions = captions
     return {name: splits[name] for name in SPLITS if name in splits}
+
+
+class UnreadableImageError(OSError):
+    """An image that cannot be decoded reached a view: the image scan was skipped, or the file changed since."""
+
+
+def _load_view_image(value: Any, index: int) -> Image.Image:
+    """The views stay strict (``scan_splits`` removes bad images before training), but name the file they fail on."""
+    try:
+        return load_image(value)
+    except Exception as error:
+        raise UnreadableImageError(
+            f"Image {describe(value)} (row {index} of its split) cannot be decoded ({type(error).__name__}: "
+            f"{error}). The image scan (--scan_images, on by default) removes such images before training."
+        ) from error
 
 
 class CaptionPairs(torch.utils.data.Dataset):
     """Training view: one row per (image, caption) pair of a per-image dataset.
 
     ``image_index[i]`` is the per-image row of pair ``i`` and ``caption_index[i]`` which of its references it is;
-    the pairs of one image are contiguous, in reference order.
+    the pairs of one image are contiguous, in reference order. An image that cannot be decoded raises
+    ``UnreadableImageError`` (give it a dataset that went through ``scan_splits``).
     """
 
     def __init__(self, images: datasets.Dataset):
@@ -94,14 +123,17 @@ class CaptionPairs(torch.utils.data.Dataset):
         image_index = int(self.image_index[i])
         row = self.images[image_index]
         return {
-            "image": load_image(row["image"]),
+            "image": _load_view_image(row["image"], image_index),
             "caption": row["references"][int(self.caption_index[i])],
             "image_index": image_index,
         }
 
 
 class CaptionImages(torch.utils.data.Dataset):
-    """Evaluation view: one row per image, carrying no caption (its references stay in ``self.references``)."""
+    """Evaluation view: one row per image, carrying no caption (its references stay in ``self.references``).
+
+    An image that cannot be decoded raises ``UnreadableImageError``, as in ``CaptionPairs``.
+    """
 
     def __init__(self, images: datasets.Dataset):
         self.images = images
@@ -114,7 +146,7 @@ class CaptionImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = int(i)
-        return {"image": load_image(self.images[i]["image"]), "image_index": i}
+        return {"image": _load_view_image(self.images[i]["image"], i), "image_index": i}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -157,25 +189,55 @@ def _describe_source(data_args: DataArguments) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def clean_captions(cells: Iterable[Any], where: str) -> list[str]:
-    """Flatten caption cells (strings or lists of strings) into stripped, non-empty captions."""
+def clean_captions(cells: Iterable[Any], where: str, stats: CaptionStats | None = None) -> list[str]:
+    """Flatten caption cells (strings or lists of strings) into stripped captions.
+
+    Dropped, and counted in ``stats``: empty and whitespace-only strings, None (null), NaN and the texts pandas & co.
+    write for a missing value (nan, None, null, <NA>). Captions longer than ``stats.long_caption_words`` words are
+    kept and counted as long. Any other non-string is an error: the wrong ``--caption_column``.
+    """
     captions = []
     for cell in cells:
-        if cell is None:
-            continue
         values = cell if isinstance(cell, list | tuple) else [cell]
         for value in values:
-            if value is None:
+            reason = caption_drop_reason(value, where)
+            if reason is not None:
+                if stats is not None:
+                    stats.note(reason, where, value)
                 continue
-            if not isinstance(value, str):
-                raise ValueError(
-                    f"{where}: a caption is a {type(value).__name__} ({value!r}); expected a string or a list of "
-                    "strings. Set --caption_column to the column(s) holding caption text."
-                )
-            value = value.strip()
-            if value:
-                captions.append(value)
+            caption = value.strip()
+            if stats is not None and stats.is_long(caption):
+                stats.note(LONG, where, caption)
+            captions.append(caption)
     return captions
+
+
+def caption_drop_reason(value: Any, where: str) -> str | None:
+    """Why a caption value is dropped ("empty", "whitespace_only", "null", "nan"), or None to keep it."""
+    if value is None:
+        return "null"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{where}: a caption is a {type(value).__name__} ({value!r}); expected a string or a list of "
+            "strings. Set --caption_column to the column(s) holding caption text."
+        )
+    text = value.strip()
+    if not text:
+        return "whitespace_only" if value else "empty"
+    if text.lower() in NAN_TEXTS:
+        return "nan"
+    return None
+
+
+def add_caption(references: list[str], caption: str, stats: CaptionStats | None, where: str) -> None:
+    """Append ``caption`` unless this image already has it (a duplicate row collapses into one reference)."""
+    if caption in references:
+        if stats is not None:
+            stats.note(DUPLICATE, where, caption)
+        return
+    references.append(caption)
 
 
 def parse_csv_caption(cell: str | None) -> str | list | None:
@@ -239,7 +301,9 @@ def _columns(dataset: datasets.Dataset, names: list[str]) -> dict[str, list]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_hub_splits(data_args: DataArguments, *, cache_dir: str | None = None) -> dict[str, datasets.Dataset]:
+def load_hub_splits(
+    data_args: DataArguments, *, cache_dir: str | None = None, report: DataReport | None = None
+) -> dict[str, datasets.Dataset]:
     """Load ``--dataset_name`` and turn each train/validation/test split into a per-image dataset."""
     loaded = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
     if isinstance(loaded, datasets.Dataset):
@@ -256,11 +320,13 @@ def load_hub_splits(data_args: DataArguments, *, cache_dir: str | None = None) -
             )
             continue
         where = f"--dataset_name {data_args.dataset_name} (split {split_name!r})"
-        splits[target] = hub_split_to_images(dataset, data_args, where)
+        splits[target] = hub_split_to_images(dataset, data_args, where, report=report)
     return splits
 
 
-def hub_split_to_images(dataset: datasets.Dataset, data_args: DataArguments, where: str) -> datasets.Dataset:
+def hub_split_to_images(
+    dataset: datasets.Dataset, data_args: DataArguments, where: str, *, report: DataReport | None = None
+) -> datasets.Dataset:
     """One Hub split as a per-image dataset; rows sharing ``--image_id_column`` become one image."""
     columns = dataset.column_names
     image_column = resolve_image_column(columns, data_args.image_column, where)
@@ -278,12 +344,16 @@ def hub_split_to_images(dataset: datasets.Dataset, data_args: DataArguments, whe
             f"{where}: column {image_column!r} holds {feature}, not images; set --image_column to the image column."
         )
 
+    stats = _caption_stats(where, data_args, report)
+    stats.rows = len(dataset)
     text = _columns(dataset, list(dict.fromkeys(caption_columns + ([id_column] if id_column else []))))
     keys = [str(value) for value in text[id_column]] if id_column else [str(row) for row in range(len(dataset))]
-    first_rows, references, image_ids = _group_rows(keys, text, caption_columns, where)
+    first_rows, references, image_ids = _group_rows(keys, text, caption_columns, where, stats)
 
     keep = [i for i, refs in enumerate(references) if refs]
+    _note_captionless(references, [f"row {row}" for row in first_rows], stats)
     _warn_dropped(len(references) - len(keep), where)
+    stats.log()
     if not keep:
         raise ValueError(
             f"{where}: no row has a non-empty caption in {', '.join(caption_columns)}; set --caption_column."
@@ -301,21 +371,44 @@ def hub_split_to_images(dataset: datasets.Dataset, data_args: DataArguments, whe
 
 
 def _group_rows(
-    keys: list[str], text: dict[str, list], caption_columns: list[str], where: str
+    keys: list[str], text: dict[str, list], caption_columns: list[str], where: str, stats: CaptionStats
 ) -> tuple[list[int], list[list[str]], list[str]]:
-    """Group rows by key in order of first appearance: (first row, concatenated references, key) per group."""
+    """Group rows by key in order of first appearance: (first row, references without duplicates, key) per group."""
     group_of: dict[str, int] = {}
     first_rows: list[int] = []
     references: list[list[str]] = []
     for row, key in enumerate(keys):
-        captions = clean_captions((text[column][row] for column in caption_columns), f"{where}, row {row}")
-        if key in group_of:
-            references[group_of[key]].extend(captions)
-            continue
-        group_of[key] = len(first_rows)
-        first_rows.append(row)
-        references.append(captions)
+        location = f"{where}, row {row}"
+        captions = clean_captions((text[column][row] for column in caption_columns), location, stats)
+        if key not in group_of:
+            group_of[key] = len(first_rows)
+            first_rows.append(row)
+            references.append([])
+        image_references = references[group_of[key]]
+        for caption in captions:
+            add_caption(image_references, caption, stats, location)
     return first_rows, references, list(group_of)
+
+
+def _caption_stats(
+    where: str, data_args: DataArguments, report: DataReport | None, *, register: bool = True
+) -> CaptionStats:
+    """The caption statistics of one source, registered in ``report`` when there is one (and ``register``)."""
+    stats = CaptionStats(where, long_caption_words=data_args.max_caption_length)
+    if report is not None:
+        stats.max_examples = report.max_examples
+        if register:
+            report.sources[where] = stats
+    return stats
+
+
+def _note_captionless(references: list[list[str]], names: list[str], stats: CaptionStats) -> None:
+    """Count the images left without a caption (they are dropped), and their totals."""
+    for refs, name in zip(references, names, strict=True):
+        if not refs:
+            stats.note(NO_CAPTION, name)
+    stats.images = sum(1 for refs in references if refs)
+    stats.captions = sum(len(refs) for refs in references)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -324,30 +417,37 @@ def _group_rows(
 
 
 class ImageTable:
-    """Caption rows of local images, grouped by absolute image path in order of first appearance."""
+    """Caption rows of local images, grouped by absolute image path in order of first appearance.
 
-    def __init__(self, where: str, root_hint: str):
+    A caption an image already has is not added again (counted as a duplicate in ``stats``).
+    """
+
+    def __init__(self, where: str, root_hint: str, stats: CaptionStats | None = None):
         self.where = where
         self.root_hint = root_hint
+        self.stats = stats if stats is not None else CaptionStats(where)
         self.paths: list[str] = []
         self.image_ids: list[str] = []
         self.references: list[list[str]] = []
         self._index: dict[str, int] = {}
 
-    def add(self, path: str, image_id: str, captions: list[str]) -> None:
+    def add(self, path: str, image_id: str, captions: list[str], where: str | None = None) -> None:
         index = self._index.get(path)
         if index is None:
-            self._index[path] = len(self.paths)
+            index = self._index[path] = len(self.paths)
             self.paths.append(path)
             self.image_ids.append(image_id)
-            self.references.append(list(captions))
-        else:
-            self.references[index].extend(captions)
+            self.references.append([])
+        references = self.references[index]
+        for caption in captions:
+            add_caption(references, caption, self.stats, where or self.where)
 
     def to_dataset(self) -> datasets.Dataset:
         """The per-image dataset; images without captions are dropped, and a wrong image root is an error."""
         keep = [i for i, refs in enumerate(self.references) if refs]
+        _note_captionless(self.references, self.image_ids, self.stats)
         _warn_dropped(len(self.references) - len(keep), self.where)
+        self.stats.log()
         if not keep:
             raise ValueError(f"{self.where}: no image has a non-empty caption; check the file or --caption_column.")
         paths = [self.paths[i] for i in keep]
@@ -372,31 +472,36 @@ def _warn_dropped(count: int, where: str) -> None:
         logger.warning("%s: dropped %d image(s) with no non-empty caption.", where, count)
 
 
+Row = tuple[str, dict[str, Any]]  # (where in the file, e.g. "row 3" or "line 7"; the row's cells)
+
+
 def table_from_rows(
-    rows: list[dict[str, Any]],
+    rows: list[Row],
     columns: list[str],
     root: Path,
     data_args: DataArguments,
     where: str,
     root_hint: str,
     parse_cell=None,
+    stats: CaptionStats | None = None,
 ) -> ImageTable:
     """Group tabular caption rows by image path; relative paths are resolved against ``root``."""
     image_column = resolve_image_column(columns, data_args.image_column, where)
     caption_columns = resolve_caption_columns(columns, data_args.caption_column, where)
-    table = ImageTable(where, root_hint)
-    for number, row in enumerate(rows, start=1):
+    table = ImageTable(where, root_hint, stats)
+    for location, row in rows:
         value = row.get(image_column)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(
-                f"{where}, row {number}: column {image_column!r} must hold an image path, got {value!r}. "
+                f"{where}, {location}: column {image_column!r} must hold an image path, got {value!r}. "
                 "Fix the row or set --image_column."
             )
         cells = (row.get(column) for column in caption_columns)
         if parse_cell is not None:
             cells = (parse_cell(cell) for cell in cells)
         path, image_id = _resolve_path(root, value.strip())
-        table.add(path, image_id, clean_captions(cells, f"{where}, row {number}"))
+        row_where = f"{where}, {location}"
+        table.add(path, image_id, clean_captions(cells, row_where, table.stats), row_where)
     return table
 
 
@@ -407,8 +512,11 @@ def _resolve_path(root: Path, value: str) -> tuple[str, str]:
     return os.path.abspath(os.path.join(root, value)), Path(os.path.normpath(value)).as_posix()
 
 
-def read_table(path: Path, where: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """Read a csv or jsonl file (decided by extension) into (column names, rows)."""
+def read_table(path: Path, where: str, stats: CaptionStats | None = None) -> tuple[list[str], list[Row]]:
+    """Read a csv or jsonl file (decided by extension) into (column names, rows).
+
+    A row holding bytes that are not UTF-8 is skipped and counted in ``stats`` (reason "non_utf8").
+    """
     suffix = path.suffix.lower()
     if suffix not in TABLE_EXTENSIONS:
         raise ValueError(
@@ -417,24 +525,71 @@ def read_table(path: Path, where: str) -> tuple[list[str], list[dict[str, Any]]]
         )
     if not path.is_file():
         raise ValueError(f"{where}: no such file {str(path)!r}.")
-    columns, rows = _read_csv(path) if suffix == ".csv" else _read_jsonl(path, where)
+    stats = stats if stats is not None else CaptionStats(where)
+    columns, rows = _read_csv(path, where, stats) if suffix == ".csv" else _read_jsonl(path, where, stats)
     if not rows:
-        raise ValueError(f"{where}: the file has no rows.")
+        raise ValueError(f"{where}: the file has no rows{' that are UTF-8' if stats.counts['non_utf8'] else ''}.")
     return columns, rows
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
+def open_text(path: Path, newline: str | None = None):
+    """Open a text file as UTF-8 (BOM allowed), keeping bytes that are not UTF-8 as lone surrogates to find them."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
+def undecodable(text: str) -> bytes | None:
+    """The raw bytes of ``text`` when it holds bytes that were not UTF-8 (read with ``open_text``), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+    return None
+
+
+def _read_csv(path: Path, where: str, stats: CaptionStats) -> tuple[list[str], list[Row]]:
+    rows = []
+    with open_text(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+        try:
+            columns = list(reader.fieldnames or [])
+            if any(undecodable(column) for column in columns):
+                raise ValueError(
+                    f"{where}: the header row is not UTF-8 ({_raw(','.join(columns))}); re-encode the file as UTF-8 "
+                    "(e.g. iconv -f cp1252 -t utf-8)."
+                )
+            for number, row in enumerate(reader, start=1):
+                stats.rows += 1
+                location = f"row {number} (line {reader.line_num})"
+                raw = _undecodable_row(row)
+                if raw is not None:
+                    stats.note("non_utf8", location, _raw(raw))
+                    continue
+                rows.append((location, row))
+        except csv.Error as error:
+            raise ValueError(f"{where}: not valid csv after line {reader.line_num} ({error}).") from error
+    return columns, rows
 
 
-def _read_jsonl(path: Path, where: str) -> tuple[list[str], list[dict[str, Any]]]:
+def _undecodable_row(row: dict[str | None, Any]) -> bytes | None:
+    cells = [cell for value in row.values() for cell in (value if isinstance(value, list) else [value])]
+    return undecodable(",".join(cell for cell in cells if isinstance(cell, str)))
+
+
+def _raw(value: str | bytes, limit: int = 100) -> str:
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    return repr(raw[:limit]) + ("..." if len(raw) > limit else "")
+
+
+def _read_jsonl(path: Path, where: str, stats: CaptionStats) -> tuple[list[str], list[Row]]:
     rows, columns = [], {}
-    with open(path, encoding="utf-8-sig") as handle:
+    with open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
+                continue
+            stats.rows += 1
+            raw = undecodable(line)
+            if raw is not None:
+                stats.note("non_utf8", f"line {number}", _raw(raw.rstrip()))
                 continue
             try:
                 row = json.loads(line)
@@ -445,15 +600,18 @@ def _read_jsonl(path: Path, where: str) -> tuple[list[str], list[dict[str, Any]]
             if not isinstance(row, dict):
                 raise ValueError(f"{where}, line {number}: expected a JSON object, got {type(row).__name__}.")
             columns.update(dict.fromkeys(row))
-            rows.append(row)
+            rows.append((f"line {number}", row))
     return list(columns), rows
 
 
-def load_table_file(path: Path, data_args: DataArguments, where: str, root_hint: str) -> datasets.Dataset:
+def load_table_file(
+    path: Path, data_args: DataArguments, where: str, root_hint: str, *, report: DataReport | None = None
+) -> datasets.Dataset:
     """A csv/jsonl file of caption rows as a per-image dataset; image paths are relative to the file's folder."""
-    columns, rows = read_table(path, where)
+    stats = _caption_stats(where, data_args, report)
+    columns, rows = read_table(path, where, stats)
     parse_cell = parse_csv_caption if path.suffix.lower() == ".csv" else None
-    table = table_from_rows(rows, columns, path.parent, data_args, where, root_hint, parse_cell)
+    table = table_from_rows(rows, columns, path.parent, data_args, where, root_hint, parse_cell, stats)
     return table.to_dataset()
 
 
@@ -462,7 +620,7 @@ def load_table_file(path: Path, data_args: DataArguments, where: str, root_hint:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_file_splits(data_args: DataArguments) -> dict[str, datasets.Dataset]:
+def load_file_splits(data_args: DataArguments, *, report: DataReport | None = None) -> dict[str, datasets.Dataset]:
     """Load the given csv/jsonl split files."""
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     splits = {}
@@ -471,7 +629,7 @@ def load_file_splits(data_args: DataArguments) -> dict[str, datasets.Dataset]:
             continue
         flag = f"--{split}_file"
         hint = f"Image paths are relative to the folder of {file}; fix the paths or the file given to {flag}."
-        splits[split] = load_table_file(Path(file), data_args, f"{flag} {file}", hint)
+        splits[split] = load_table_file(Path(file), data_args, f"{flag} {file}", hint, report=report)
     return splits
 
 
@@ -480,7 +638,7 @@ def load_file_splits(data_args: DataArguments) -> dict[str, datasets.Dataset]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_dir_splits(data_args: DataArguments) -> dict[str, datasets.Dataset]:
+def load_dir_splits(data_args: DataArguments, *, report: DataReport | None = None) -> dict[str, datasets.Dataset]:
     """Load ``--dataset_dir`` in its ``--dataset_layout`` (detected when "auto")."""
     root = Path(data_args.dataset_dir)
     if not root.exists():
@@ -495,13 +653,13 @@ def load_dir_splits(data_args: DataArguments) -> dict[str, datasets.Dataset]:
     elif root.is_file():
         raise ValueError(f"--dataset_dir {root} is a file; the {layout} layout needs a folder.")
     if layout == "karpathy":
-        return load_karpathy(*karpathy, data_args)
+        return load_karpathy(*karpathy, data_args, report=report)
     if data_args.image_dir:
         logger.warning("--image_dir is only used with the karpathy layout; ignored for %s.", layout)
     if layout == "flickr8k":
-        return load_flickr8k(root)
+        return load_flickr8k(root, data_args, report=report)
     if layout == "imagefolder":
-        return load_imagefolder(root, data_args)
+        return load_imagefolder(root, data_args, report=report)
     raise ValueError(f"--dataset_layout {layout!r}: unknown; use auto, imagefolder, flickr8k or karpathy.")
 
 
@@ -550,7 +708,9 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"--dataset_dir: {path} is not valid JSON ({error}).") from error
 
 
-def load_karpathy(path: Path, document: dict, data_args: DataArguments) -> dict[str, datasets.Dataset]:
+def load_karpathy(
+    path: Path, document: dict, data_args: DataArguments, *, report: DataReport | None = None
+) -> dict[str, datasets.Dataset]:
     """Karpathy split file: its "split" field gives the splits (restval joins train, val is validation)."""
     image_root = Path(data_args.image_dir) if data_args.image_dir else (path.parent if path.is_file() else path)
     where = f"--dataset_dir {data_args.dataset_dir} ({path.name})"
@@ -558,7 +718,10 @@ def load_karpathy(path: Path, document: dict, data_args: DataArguments) -> dict[
         f"Image paths are {image_root}/<filepath>/<filename>; set --image_dir to the folder that holds them "
         "(default: --dataset_dir)."
     )
-    tables = {split: ImageTable(f"{where}, {split} split", hint) for split in SPLITS}
+    tables = {}
+    for split in SPLITS:
+        split_where = f"{where}, {split} split"
+        tables[split] = ImageTable(split_where, hint, _caption_stats(split_where, data_args, report, register=False))
     unknown = 0
     for number, entry in enumerate(document["images"]):
         split = KARPATHY_SPLITS.get(str(entry.get("split")))
@@ -571,20 +734,30 @@ def load_karpathy(path: Path, document: dict, data_args: DataArguments) -> dict[
         relative = Path(entry.get("filepath") or "") / filename
         sentences = entry.get("sentences") or []
         raws = [s.get("raw") if isinstance(s, dict) else s for s in sentences]
-        captions = clean_captions(raws, f"{where}, images[{number}] ({relative.as_posix()})")
         table = tables[split]
-        table.add(os.path.abspath(image_root / relative), relative.as_posix(), captions)
+        table.stats.rows += 1
+        entry_where = f"{table.where}, images[{number}] ({relative.as_posix()})"
+        captions = clean_captions(raws, entry_where, table.stats)
+        table.add(os.path.abspath(image_root / relative), relative.as_posix(), captions, entry_where)
     if unknown:
         logger.warning("%s: skipped %d image(s) whose split is not train, restval, val or test.", where, unknown)
-    return {split: table.to_dataset() for split, table in tables.items() if table.paths}
+    used = {split: table for split, table in tables.items() if table.paths}
+    if report is not None:
+        report.sources.update({table.where: table.stats for table in used.values()})
+    return {split: table.to_dataset() for split, table in used.items()}
 
 
 def _is_flickr8k(root: Path) -> bool:
     return (root / "captions.txt").is_file() and (root / "Images").is_dir()
 
 
-def load_flickr8k(root: Path) -> dict[str, datasets.Dataset]:
-    """Flickr8k (Kaggle layout): ``captions.txt`` ("image,caption", unquoted captions) and ``Images/``; one split."""
+def load_flickr8k(
+    root: Path, data_args: DataArguments, *, report: DataReport | None = None
+) -> dict[str, datasets.Dataset]:
+    """Flickr8k (Kaggle layout): ``captions.txt`` ("image,caption", unquoted captions) and ``Images/``; one split.
+
+    A line holding bytes that are not UTF-8 is skipped and counted.
+    """
     captions_file = root / "captions.txt"
     if not _is_flickr8k(root):
         raise ValueError(
@@ -592,17 +765,25 @@ def load_flickr8k(root: Path) -> dict[str, datasets.Dataset]:
             "fix --dataset_dir or set another --dataset_layout."
         )
     where = f"--dataset_dir {root} (captions.txt)"
-    table = ImageTable(where, f"Expected the images in {root / 'Images'}; fix --dataset_dir.")
-    with open(captions_file, encoding="utf-8-sig") as handle:
+    stats = _caption_stats(where, data_args, report)
+    table = ImageTable(where, f"Expected the images in {root / 'Images'}; fix --dataset_dir.", stats)
+    with open_text(captions_file) as handle:
         for number, line in enumerate(handle, start=1):
             line = line.strip()
             if not line or (number == 1 and line.replace(" ", "").lower() == "image,caption"):
+                continue
+            stats.rows += 1
+            raw = undecodable(line)
+            if raw is not None:
+                stats.note("non_utf8", f"line {number}", _raw(raw))
                 continue
             name, comma, caption = line.partition(",")  # captions hold commas and are not quoted
             if not comma or not name.strip():
                 raise ValueError(f"{where}, line {number}: expected 'image,caption', got {line[:80]!r}.")
             image_id = f"Images/{name.strip()}"
-            table.add(os.path.abspath(root / image_id), image_id, clean_captions([caption], f"{where}, line {number}"))
+            line_where = f"{where}, line {number}"
+            captions = clean_captions([caption], line_where, stats)
+            table.add(os.path.abspath(root / image_id), image_id, captions, line_where)
     return {"train": table.to_dataset()}
 
 
@@ -633,7 +814,9 @@ def _metadata_file(folder: Path) -> Path | None:
     return present[0] if present else None
 
 
-def load_imagefolder(root: Path, data_args: DataArguments) -> dict[str, datasets.Dataset]:
+def load_imagefolder(
+    root: Path, data_args: DataArguments, *, report: DataReport | None = None
+) -> dict[str, datasets.Dataset]:
     """Image folder: ``metadata.jsonl``/``metadata.csv`` (file_name + captions) at the top or per split sub-folder."""
     metadata = _imagefolder_metadata(root)
     if not metadata:
@@ -645,7 +828,7 @@ def load_imagefolder(root: Path, data_args: DataArguments) -> dict[str, datasets
     for split, path in metadata.items():
         where = f"--dataset_dir {root} ({path.relative_to(root).as_posix()})"
         hint = f"file_name paths are relative to {path.parent}; fix them or --dataset_dir."
-        splits[split] = load_table_file(path, data_args, where, hint)
+        splits[split] = load_table_file(path, data_args, where, hint, report=report)
     return splits
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,15 +14,15 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import Seq2SeqTrainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalLoopOutput, seed_worker
 
 from captioning.data import CaptionImages, CaptionPairs
-from captioning.families import ModelFamily
+from captioning.families import ENCODER_DECODER, ModelFamily
 from captioning.grouping import ImageGroupedBatchSampler, expand_image_features
 from captioning.outputs import write_json, write_text_atomic
-from collators import CaptionLayout
+from collators import IGNORE_INDEX, CaptionLayout
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +142,35 @@ class CaptioningTrainer(Seq2SeqTrainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if "image_index" not in inputs:  # captioned rows: the evaluation loss
-            return Trainer.prediction_step(self, model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys)
+            return None, self.token_losses(model, self._prepare_inputs(inputs)), None
         inputs = self._prepare_inputs(inputs)
         image_index = inputs.pop("image_index")
         generated = self.generate_captions(inputs)
         return None, generated, image_index
+
+    def token_losses(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, 2): each row's summed cross-entropy over its caption tokens, and their number.
+
+        Summed per row rather than averaged per batch, the evaluation loss is the same whatever the batch size and
+        the number of processes (batches padded with duplicates are trimmed by gather_for_metrics).
+        """
+        inputs = dict(inputs)
+        image_group = inputs.pop("image_group", None)
+        grouping = (
+            expand_image_features(self.image_feature_module, image_group)
+            if image_group is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), self.compute_loss_context_manager(), grouping:
+            logits = model(**inputs).logits
+        labels = inputs["labels"]
+        if self.layout.kind != ENCODER_DECODER:  # next-token prediction: position t predicts token t + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counted = labels != IGNORE_INDEX
+        return torch.stack([(losses * counted).sum(dim=1), counted.sum(dim=1).float()], dim=1)
 
     def generate_captions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``generate`` on pixel_values + prompt; under ZeRO-3/FSDP every process steps together."""
@@ -208,7 +233,8 @@ class CaptioningTrainer(Seq2SeqTrainer):
         return result[0]
 
     def caption_loss(self, dataset: CaptionImages, description, ignore_keys, metric_key_prefix) -> float:
-        """Teacher-forced loss over every (image, reference) pair of the evaluation images."""
+        """Teacher-forced loss over every (image, reference) pair of the evaluation images: mean cross-entropy per
+        caption token (no label smoothing)."""
         pairs = CaptionPairs(dataset.images)
         dataloader = self._get_dataloader(
             pairs,
@@ -216,5 +242,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
             batch_size=self.args.eval_batch_size,
             sampler_fn=self._get_eval_sampler,
         )
-        output = super().evaluation_loop(dataloader, f"{description} loss", True, ignore_keys, metric_key_prefix)
-        return output.metrics[f"{metric_key_prefix}_loss"]
+        self.gather_function = self.accelerator.gather_for_metrics
+        output = super().evaluation_loop(dataloader, f"{description} loss", False, ignore_keys, metric_key_prefix)
+        sums = np.asarray(output.predictions).reshape(-1, 2)
+        return float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))

@@ -16,6 +16,7 @@ from PIL import Image
 from captioning import data
 from captioning.arguments import DataArguments
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
+from captioning.scan import DataReport
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers and fixtures
@@ -681,3 +682,111 @@ def test_views_survive_pickling_for_dataloader_workers(small_images):
 
     assert pairs[5]["caption"] == "two c"
     assert images[2]["image_index"] == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Caption cleaning, counted per source in the DataReport (the catalogue is in test_bad_inputs.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_flickr8k_line_that_is_not_utf8_is_skipped_and_counted(flickr8k_dir):
+    captions = flickr8k_dir / "captions.txt"
+    captions.write_bytes(captions.read_bytes() + f"{FLICKR_NAMES[0]},a caf\xe9 sign\n".encode("latin-1"))
+    report = DataReport()
+
+    train = load_caption_splits(args(dataset_dir=str(flickr8k_dir)), report=report)["train"]
+
+    assert len(refs(train)[0]) == 5
+    stats = report.sources[f"--dataset_dir {flickr8k_dir} (captions.txt)"]
+    assert stats.counts["non_utf8"] == 1
+    assert stats.examples == [
+        {"reason": "non_utf8", "where": "line 102", "value": repr(b"1000_0000abc.jpg,a caf\xe9 sign")}
+    ]
+    assert (stats.rows, stats.images, stats.captions) == (101, 20, 100)
+
+
+def test_jsonl_line_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    make_image(tmp_path / "a.png")
+    file = tmp_path / "train.jsonl"
+    file.write_bytes(b'{"image": "a.png", "caption": "ok"}\n{"image": "a.png", "caption": "caf\xe9"}\n')
+    report = DataReport()
+
+    train = load_caption_splits(args(train_file=str(file)), report=report)["train"]
+
+    assert refs(train) == [["ok"]]
+    assert report.sources[f"--train_file {file}"].examples[0]["where"] == "line 2"
+
+
+def test_file_with_no_utf8_row_says_so(tmp_path):
+    file = tmp_path / "train.jsonl"
+    file.write_bytes(b'{"image": "a.png", "caption": "caf\xe9"}\n')
+
+    with pytest.raises(ValueError, match="the file has no rows that are UTF-8"):
+        load_caption_splits(args(train_file=str(file)))
+
+
+def test_csv_header_that_is_not_utf8_is_an_error(tmp_path):
+    file = tmp_path / "train.csv"
+    file.write_bytes(b"image,l\xe9gende\na.png,x\n")
+
+    with pytest.raises(ValueError, match=r"--train_file .*header row is not UTF-8.*re-encode"):
+        load_caption_splits(args(train_file=str(file)))
+
+
+def test_malformed_csv_is_an_error_naming_the_line(tmp_path):
+    file = tmp_path / "train.csv"
+    file.write_bytes(b"image,caption\na.png,ok\nb.png," + b"x" * 200_000 + b"\n")  # e.g. after an unclosed quote
+
+    with pytest.raises(ValueError, match=r"--train_file .*: not valid csv after line 2 \(field larger than"):
+        load_caption_splits(args(train_file=str(file)))
+
+
+def test_karpathy_duplicate_sentences_collapse_and_are_counted_per_split(karpathy_dir):
+    root, image_dir = karpathy_dir
+    document = json.loads((root / "dataset_coco.json").read_text())
+    document["images"][0]["sentences"].append({"raw": "train zero", "tokens": ["train", "zero"]})
+    (root / "dataset_coco.json").write_text(json.dumps(document))
+    report = DataReport()
+
+    splits = load_caption_splits(args(dataset_dir=str(root), image_dir=str(image_dir)), report=report)
+
+    assert refs(splits["train"])[0] == ["train zero", "train zero b"]
+    where = f"--dataset_dir {root} (dataset_coco.json)"
+    assert list(report.sources) == [f"{where}, train split", f"{where}, validation split", f"{where}, test split"]
+    train = report.sources[f"{where}, train split"]
+    assert train.examples == [{"reason": "duplicate", "where": "images[0] (train2014/t0.png)", "value": "train zero"}]
+    assert report.sources[f"{where}, test split"].counts["whitespace_only"] == 1
+
+
+def test_hub_nan_none_and_duplicate_captions_are_cleaned_and_counted(fake_hub):
+    split = hub_split(4, caption=["a one", "a one", "nan", "c one"], image_id=["a", "a", "b", "c"])
+    fake_hub(datasets.DatasetDict({"train": split}))
+    report = DataReport()
+
+    train = load_caption_splits(args(dataset_name="org/x", image_id_column="image_id"), report=report)["train"]
+
+    assert ids(train) == ["a", "c"]
+    stats = report.sources["--dataset_name org/x (split 'train')"].to_dict()
+    assert stats["duplicate_captions_collapsed"] == 1
+    assert stats["captions_dropped"] == {"nan": 1}
+    assert stats["images_without_captions"] == 1
+    assert (stats["rows"], stats["images"], stats["captions"]) == (4, 2, 2)
+
+
+def test_non_string_caption_is_an_error_naming_the_flag(tmp_path):
+    make_image(tmp_path / "a.png")
+    file = write_jsonl(tmp_path / "train.jsonl", [{"image": "a.png", "caption": 42}])
+
+    with pytest.raises(ValueError, match=r"line 1: a caption is a int \(42\).*--caption_column"):
+        load_caption_splits(args(train_file=str(file)))
+
+
+def test_split_sizes_go_into_the_report(flickr8k_dir):
+    report = DataReport()
+
+    load_caption_splits(args(dataset_dir=str(flickr8k_dir), validation_split_percentage=10), report=report)
+
+    assert {name: (s.images_total, s.captions) for name, s in report.splits.items()} == {
+        "train": (18, 90),
+        "validation": (2, 10),
+    }

@@ -39,6 +39,7 @@ from PIL import Image
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from captioning import hub
+from captioning.arguments import to_argv
 from captioning.families import detect_family
 from collators import CaptionCollator, build_layout
 
@@ -108,7 +109,9 @@ def tree_digest(folder: Path) -> dict[str, str]:
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
-def run_cli(*args: str, server: HubServer, home: Path, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, server: HubServer, home: Path, token: str | None = TOKEN, script: str = "push_to_hub.py"
+) -> subprocess.CompletedProcess:
     """``python push_to_hub.py ...`` in a fresh process: HF_ENDPOINT and the token as a user would set them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "HUGGINGFACE"))}
     env.pop("TRANSFORMERS_OFFLINE", None)
@@ -123,7 +126,7 @@ def run_cli(*args: str, server: HubServer, home: Path, token: str | None = TOKEN
     if token is not None:
         env["HF_TOKEN"] = token
     return subprocess.run(
-        [sys.executable, str(ROOT / "push_to_hub.py"), *args],
+        [sys.executable, str(ROOT / script), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -489,3 +492,46 @@ def test_the_allow_list_keeps_training_state_local(tmp_path):
         hub.files_to_push(runs)
     with pytest.raises(ValueError, match="is not a folder"):
         hub.files_to_push(tmp_path / "missing")
+
+
+def test_a_training_run_pushes_its_card_and_adapter_and_nothing_else(tiny_blip, caption_folder, server, tmp_path):
+    """run_captioning.py --push_to_hub end to end: the Trainer's own push stays off, ours uploads the allow-list."""
+    output = tmp_path / "run"
+    repo = f"{USER}/blip-trained"
+    flags = to_argv(
+        model_name_or_path=tiny_blip,
+        dataset_dir=caption_folder,
+        output_dir=output,
+        do_train=True,
+        do_eval=True,
+        do_predict=True,
+        eval_baseline=True,
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        validation_split_percentage=25,
+        test_split_percentage=25,
+        max_new_tokens=4,
+        dataloader_num_workers=0,
+        compute_meteor=False,
+        push_to_hub=True,
+        hub_model_id=repo,
+        hub_private_repo=True,
+        license="mit",
+    )
+    proc = run_cli(*flags, server=server, home=tmp_path / "home", script="run_captioning.py")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert server.errors == []
+    stored = server.repos[repo]
+    assert stored.private
+    assert len(stored.commits) == 2  # the Hub's initial commit and ours: no checkpoint pushes by the Trainer
+    pushed = set(stored.commits[-1].files) - {".gitattributes"}
+    assert (output / "training_args.bin").is_file() and any(output.glob("checkpoint-*"))
+    assert pushed == {path.name for path in output.iterdir() if path.is_file()} - {"training_args.bin"}
+    card = ModelCard(stored.commits[-1].files["README.md"].content.decode())
+    assert card.data.library_name == "peft" and card.data.license == "mit"
+    evaluation = json.loads((output / "eval_results.json").read_text())
+    cider = [result for result in card.data.eval_results if result.metric_type == "cider"]
+    assert evaluation["eval_cider"] in {result.metric_value for result in cider}
+    assert f'MODEL_ID = "{repo}"' in card.text
+    for text in (proc.stdout, proc.stderr):
+        assert TOKEN not in text and not re.search(r"hf_[A-Za-z0-9]{30,}", text)
