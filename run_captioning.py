@@ -39,6 +39,7 @@ from captioning.modeling import (
 from captioning.outputs import write_captioning_config, write_predictions
 from captioning.plots import build_samples, plot_samples, plot_training_curves
 from captioning.scan import DataReport, scan_splits_once
+from captioning.streaming import load_streaming_splits
 from captioning.trainer import CaptioningTrainer, build_generation_kwargs
 from collators import CaptionCollator, build_layout
 from metrics import CaptionScorer
@@ -93,7 +94,15 @@ def check_configuration(args: Arguments) -> tuple[ModelFamily, bool, float]:
 
 
 def load_data(args: Arguments) -> dict:
-    """Per-image splits with unusable captions and images left out (counted in data_report.json)."""
+    """Per-image splits with unusable captions and images left out (counted in data_report.json); with
+    --streaming, the training split is a stream of caption rows."""
+    if args.data.streaming:
+        train, splits = load_streaming_splits(args.data, seed=args.training.seed, cache_dir=args.model.cache_dir)
+        if train is not None:
+            splits = {"train": train, **splits}
+        check_splits(splits, args.training, args.caption)
+        args.training.accelerator_config.dispatch_batches = False  # each process reads its own shards
+        return splits
     report = DataReport()
     splits = load_caption_splits(args.data, cache_dir=args.model.cache_dir, report=report)
     check_splits(splits, args.training, args.caption)
@@ -108,6 +117,13 @@ def load_data(args: Arguments) -> dict:
         report_dir=args.training.output_dir if args.training.process_index == 0 else None,
     )
     return splits
+
+
+def training_dataset(train) -> CaptionPairs | datasets.IterableDataset | None:
+    """Caption rows to train on: a view of the per-image split, or the stream itself."""
+    if train is None or isinstance(train, datasets.IterableDataset):
+        return train
+    return CaptionPairs(train)
 
 
 def build_trainer(args: Arguments, family: ModelFamily, splits: dict) -> tuple[CaptioningTrainer, torch.nn.Module]:
@@ -130,7 +146,7 @@ def build_trainer(args: Arguments, family: ModelFamily, splits: dict) -> tuple[C
     trainer = CaptioningTrainer(
         model=model,
         args=training,
-        train_dataset=CaptionPairs(splits["train"]) if "train" in splits else None,
+        train_dataset=training_dataset(splits.get("train")),
         eval_dataset=CaptionImages(splits["validation"]) if "validation" in splits else None,
         data_collator=collator,
         processing_class=processor,
@@ -160,7 +176,8 @@ def setup_logging(training_args) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
         force=True,
     )
-    level = logging.INFO if training_args.should_log else logging.WARNING
+    replicas_talk = training_args.log_level_replica in ("debug", "info")  # --log_level_replica info
+    level = logging.INFO if training_args.should_log or replicas_talk else logging.WARNING
     for name in ("run_captioning", "captioning", "metrics", "collators"):
         logging.getLogger(name).setLevel(level)
     # bitsandbytes logs a warning on every 8-bit matmul whose input is not fp16 (always the case on CPU).
@@ -217,8 +234,9 @@ def run_phases(trainer: CaptioningTrainer, splits: dict, caption_args, training_
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
         metrics = dict(train_result.metrics)
-        metrics["train_images"] = len(splits["train"])
-        metrics["train_samples"] = len(trainer.train_dataset)
+        if isinstance(trainer.train_dataset, CaptionPairs):
+            metrics["train_images"] = len(splits["train"])
+            metrics["train_samples"] = len(trainer.train_dataset)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()

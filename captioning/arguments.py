@@ -116,6 +116,18 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on only this many images."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Predict on only this many test images."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training images instead of loading them: a Hub dataset (--dataset_name) or "
+            "parquet / webdataset shards (--train_file 'shards/train-*.tar'). Needs --max_steps. Each process reads "
+            "its own shards; validation/test images (--max_eval_samples / --max_predict_samples, default 500) are "
+            "read into memory, from their own split or from the head of the training stream."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "With --streaming: images held in the shuffle buffer."}
+    )
     scan_images: bool = field(
         default=True,
         metadata={
@@ -466,6 +478,16 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
         raise ValueError(f"--min_image_side {data_args.min_image_side}: must be at least 1.")
     if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers < 0:
         raise ValueError(f"--preprocessing_num_workers {data_args.preprocessing_num_workers}: must be 0 or more.")
+    if data_args.streaming:
+        if data_args.dataset_dir or not (data_args.dataset_name or data_args.train_file):
+            raise ValueError(
+                "--streaming reads --dataset_name (Hub) or parquet/webdataset shards given as "
+                "--train_file; --dataset_dir and csv/jsonl files load without --streaming."
+            )
+        if training_args.do_train and training_args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
+        if data_args.shuffle_buffer_size < 1:
+            raise ValueError(f"--shuffle_buffer_size {data_args.shuffle_buffer_size}: must be at least 1.")
     if data_args.max_caption_length < 1:
         raise ValueError(f"--max_caption_length {data_args.max_caption_length}: must be at least 1.")
 

@@ -6,6 +6,7 @@ training, images with all their references for evaluation."""
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import math
@@ -34,12 +35,14 @@ SPLIT_ALIASES = {
     "dev": "validation",
     "test": "test",
 }
-DEFAULT_IMAGE_COLUMNS = ("image", "file_name", "image_path", "filepath")
-DEFAULT_CAPTION_COLUMNS = ("caption", "captions", "text", "sentences")
+DEFAULT_IMAGE_COLUMNS = ("image", "file_name", "image_path", "filepath", "jpg", "jpeg", "png", "webp")
+DEFAULT_CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "txt")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGEFOLDER_SPLIT_DIRS = ("train", "validation", "val", "valid", "dev", "test")
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
 TABLE_EXTENSIONS = (".csv", ".jsonl")
+# Shards with the images inside, read with a datasets builder: parquet files, webdataset tar files.
+SHARD_BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}
 IMAGES_CHECKED = 20  # a wrong image root is caught from the first images alone; no stat of every file
 
 REFERENCES_FEATURE = datasets.List(datasets.Value("string"))
@@ -69,7 +72,7 @@ def load_caption_splits(
     if source == "dataset_name":
         splits = load_hub_splits(data_args, cache_dir=cache_dir, report=report)
     elif source == "files":
-        splits = load_file_splits(data_args, report=report)
+        splits = load_file_splits(data_args, cache_dir=cache_dir, report=report)
     else:
         splits = load_dir_splits(data_args, report=report)
     if not splits:
@@ -339,6 +342,9 @@ def hub_split_to_images(
         )
     feature = dataset.features[image_column]
     is_path = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if is_image_struct(feature):  # {"bytes", "path"} written without datasets' Image metadata (plain parquet)
+        feature = datasets.Image(decode=False)
+        dataset = dataset.cast_column(image_column, feature)
     if not isinstance(feature, datasets.Image) and not is_path:
         raise ValueError(
             f"{where}: column {image_column!r} holds {feature}, not images; set --image_column to the image column."
@@ -368,6 +374,11 @@ def hub_split_to_images(
         images = images.cast_column("image", datasets.Image(decode=False))
     images = images.add_column("references", [references[i] for i in keep], feature=REFERENCES_FEATURE)
     return images.add_column("image_id", [image_ids[i] for i in keep], feature=datasets.Value("string"))
+
+
+def is_image_struct(feature) -> bool:
+    """A ``{"bytes": binary, "path": ...}`` struct: an image column stored without datasets' Image type."""
+    return isinstance(feature, dict) and "bytes" in feature and set(feature) <= {"bytes", "path"}
 
 
 def _group_rows(
@@ -520,8 +531,8 @@ def read_table(path: Path, where: str, stats: CaptionStats | None = None) -> tup
     suffix = path.suffix.lower()
     if suffix not in TABLE_EXTENSIONS:
         raise ValueError(
-            f"{where}: unsupported extension {path.suffix!r}; "
-            "give a .csv file or a .jsonl file (one JSON object per line)."
+            f"{where}: unsupported extension {path.suffix!r}; give a .csv file or a .jsonl file (one JSON object "
+            "per line) of image paths and captions, or .parquet / .tar (webdataset) shards holding the images."
         )
     if not path.is_file():
         raise ValueError(f"{where}: no such file {str(path)!r}.")
@@ -620,14 +631,41 @@ def load_table_file(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_file_splits(data_args: DataArguments, *, report: DataReport | None = None) -> dict[str, datasets.Dataset]:
-    """Load the given csv/jsonl split files."""
+def shard_builder(file: str) -> str | None:
+    """The datasets builder for parquet / webdataset shard files (a path or a glob), or None for csv/jsonl."""
+    return SHARD_BUILDERS.get(Path(file).suffix.lower())
+
+
+def shard_files(file: str, flag: str) -> list[str]:
+    """The files a path or glob names, sorted; an error naming the flag when there are none."""
+    files = sorted(glob.glob(file)) if glob.has_magic(file) else ([file] if Path(file).is_file() else [])
+    if not files:
+        raise ValueError(f"{flag} {file}: no such file (globs like shards/train-*.tar are allowed).")
+    return files
+
+
+def load_shard_split(file: str, flag: str, data_args: DataArguments, *, cache_dir=None, report=None):
+    """Parquet or webdataset shards of one split, as a per-image dataset (each row is one image)."""
+    builder = shard_builder(file)
+    loaded = datasets.load_dataset(
+        builder, data_files={"split": shard_files(file, flag)}, split="split", cache_dir=cache_dir
+    )
+    return hub_split_to_images(loaded, data_args, f"{flag} {file}", report=report)
+
+
+def load_file_splits(
+    data_args: DataArguments, *, cache_dir: str | None = None, report: DataReport | None = None
+) -> dict[str, datasets.Dataset]:
+    """Load the given split files: csv/jsonl tables of image paths, or parquet/webdataset shards holding images."""
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     splits = {}
     for split, file in files.items():
         if not file:
             continue
         flag = f"--{split}_file"
+        if shard_builder(file):
+            splits[split] = load_shard_split(file, flag, data_args, cache_dir=cache_dir, report=report)
+            continue
         hint = f"Image paths are relative to the folder of {file}; fix the paths or the file given to {flag}."
         splits[split] = load_table_file(Path(file), data_args, f"{flag} {file}", hint, report=report)
     return splits

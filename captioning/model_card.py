@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -262,8 +263,13 @@ def build_card_context(
 
 
 def count_split_sizes(splits: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """(images, captions) per split of ``load_caption_splits``' result (per-image rows with ``references``)."""
-    return {name: (len(split), sum(len(refs) for refs in split["references"])) for name, split in splits.items()}
+    """(images, captions) per split of ``load_caption_splits``' result (per-image rows with ``references``);
+    streamed splits (no length) are left out."""
+    return {
+        name: (len(split), sum(len(refs) for refs in split["references"]))
+        for name, split in splits.items()
+        if isinstance(split, datasets.Dataset)
+    }
 
 
 def adapted_module_names(model: torch.nn.Module) -> list[str] | None:

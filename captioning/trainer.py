@@ -10,6 +10,7 @@ import os
 from functools import partial
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
@@ -83,6 +84,17 @@ class CaptioningTrainer(Seq2SeqTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def get_train_dataloader(self):
+        if isinstance(self.train_dataset, datasets.IterableDataset):
+            dataloader = super().get_train_dataloader()
+            shards = getattr(getattr(dataloader, "dataset", None), "n_shards", None)
+            logger.info(
+                "Process %d of %d streams %s of %d shards",
+                self.args.process_index,
+                self.args.world_size,
+                shards,
+                self.train_dataset.n_shards,
+            )
+            return dataloader
         if self.captions_per_image_in_batch <= 1 or not isinstance(self.train_dataset, CaptionPairs):
             return super().get_train_dataloader()
         sampler = ImageGroupedBatchSampler(
