@@ -137,6 +137,7 @@ class CaptionCollator:
     With ``group_images`` (training rows then carry ``image_index``), each image is processed once:
         ``pixel_values`` (U, 3, H, W) for the U distinct images and ``image_group`` long (B,), the position of each
         row's image among them (see captioning/grouping.py).
+    ``image`` may also be the uint8 (3, H, W) pixels of the preprocessing cache, already at the model's size.
     Generation rows ``{"image": PIL.Image, "image_index": int}`` (no caption) give
         ``pixel_values``, the prompt as ``input_ids`` / ``attention_mask`` (B, P) and ``image_index`` long (B,).
     """
@@ -161,7 +162,10 @@ class CaptionCollator:
         return self.collate_generation(rows)
 
     def pixel_values(self, rows: list[dict]) -> torch.Tensor:
-        return self.image_processor(images=[row["image"] for row in rows], return_tensors="pt")["pixel_values"]
+        images = [row["image"] for row in rows]
+        if isinstance(images[0], torch.Tensor):  # preprocessed once (captioning/image_cache.py): already resized
+            return self.image_processor(images=images, do_resize=False, return_tensors="pt")["pixel_values"]
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def collate_training(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         captions = [self.layout.caption_prefix + row["caption"] for row in rows]

@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
@@ -24,6 +25,7 @@ from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_check
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
 from captioning.families import ModelFamily, detect_family
 from captioning.hub import check_push_config, push_output_dir
+from captioning.image_cache import ImageCache, build_image_cache
 from captioning.model_card import adapted_module_names, build_card_context, count_split_sizes, write_model_card
 from captioning.modeling import (
     apply_label_smoothing,
@@ -119,17 +121,38 @@ def load_data(args: Arguments) -> dict:
     return splits
 
 
-def training_dataset(train) -> CaptionPairs | datasets.IterableDataset | None:
+def preprocess_images(args: Arguments, splits: dict, image_processor) -> dict[str, ImageCache]:
+    """Resized uint8 pixels of the training and validation images, computed once (the main process builds them,
+    the others then open them)."""
+    if not args.data.preprocess_images or args.data.streaming:
+        return {}
+    caches = {}
+    with PartialState().main_process_first():
+        for name in ("train", "validation"):
+            if name in splits:
+                caches[name] = build_image_cache(
+                    splits[name],
+                    image_processor,
+                    root=args.data.image_cache_dir,
+                    num_workers=args.data.preprocessing_num_workers,
+                    show_progress=args.training.should_log and not args.training.disable_tqdm,
+                    description=f"{name} images",
+                )
+    return caches
+
+
+def training_dataset(train, cache: ImageCache | None) -> CaptionPairs | datasets.IterableDataset | None:
     """Caption rows to train on: a view of the per-image split, or the stream itself."""
     if train is None or isinstance(train, datasets.IterableDataset):
         return train
-    return CaptionPairs(train)
+    return CaptionPairs(train, cache=cache)
 
 
 def build_trainer(args: Arguments, family: ModelFamily, splits: dict) -> tuple[CaptioningTrainer, torch.nn.Module]:
     """Processor, model (LoRA / k-bit / full), collator, and the CaptioningTrainer around them."""
     training = args.training
     processor = load_processor(args.model)
+    caches = preprocess_images(args, splits, processor.image_processor)
     model = load_model(args.model, args.lora, load_config(args.model), family)
     apply_label_smoothing(model, family, training.label_smoothing_factor)
     training.label_smoothing_factor = 0.0  # applied inside BLIP's loss, where the logits are aligned
@@ -146,8 +169,8 @@ def build_trainer(args: Arguments, family: ModelFamily, splits: dict) -> tuple[C
     trainer = CaptioningTrainer(
         model=model,
         args=training,
-        train_dataset=training_dataset(splits.get("train")),
-        eval_dataset=CaptionImages(splits["validation"]) if "validation" in splits else None,
+        train_dataset=training_dataset(splits.get("train"), caches.get("train")),
+        eval_dataset=CaptionImages(splits["validation"], caches.get("validation")) if "validation" in splits else None,
         data_collator=collator,
         processing_class=processor,
         layout=layout,

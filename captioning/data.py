@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .arguments import DataArguments
+from .image_cache import ImageCache
 from .images import describe, load_image
 from .scan import DUPLICATE, LONG, NAN_TEXTS, NO_CAPTION, CaptionStats, DataReport
 
@@ -89,6 +90,13 @@ def load_caption_splits(
     return {name: splits[name] for name in SPLITS if name in splits}
 
 
+def _view_image(images: datasets.Dataset, cache: ImageCache | None, index: int) -> Image.Image | torch.Tensor:
+    """The decoded image of a row, or its preprocessed uint8 pixels (3, H, W) when the split is cached."""
+    if cache is not None:
+        return cache[index]
+    return _load_view_image(images[index]["image"], index)
+
+
 class UnreadableImageError(OSError):
     """An image that cannot be decoded reached a view: the image scan was skipped, or the file changed since."""
 
@@ -112,8 +120,10 @@ class CaptionPairs(torch.utils.data.Dataset):
     ``UnreadableImageError`` (give it a dataset that went through ``scan_splits``).
     """
 
-    def __init__(self, images: datasets.Dataset):
+    def __init__(self, images: datasets.Dataset, cache: ImageCache | None = None):
         self.images = images
+        self.cache = cache  # resized uint8 pixels of ``images`` (captioning/image_cache.py), or None
+        self._references = images.select_columns(["references"])
         counts = np.array([len(refs) for refs in _column(images, "references")], dtype=np.int64)
         self.image_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         starts = np.cumsum(counts) - counts
@@ -124,10 +134,9 @@ class CaptionPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image_index = int(self.image_index[i])
-        row = self.images[image_index]
         return {
-            "image": _load_view_image(row["image"], image_index),
-            "caption": row["references"][int(self.caption_index[i])],
+            "image": _view_image(self.images, self.cache, image_index),
+            "caption": self._references[image_index]["references"][int(self.caption_index[i])],
             "image_index": image_index,
         }
 
@@ -138,8 +147,9 @@ class CaptionImages(torch.utils.data.Dataset):
     An image that cannot be decoded raises ``UnreadableImageError``, as in ``CaptionPairs``.
     """
 
-    def __init__(self, images: datasets.Dataset):
+    def __init__(self, images: datasets.Dataset, cache: ImageCache | None = None):
         self.images = images
+        self.cache = cache
         columns = _columns(images, ["references", "image_id"])
         self.references: list[list[str]] = columns["references"]
         self.image_ids: list[str] = columns["image_id"]
@@ -149,7 +159,7 @@ class CaptionImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = int(i)
-        return {"image": _load_view_image(self.images[i]["image"], i), "image_index": i}
+        return {"image": _view_image(self.images, self.cache, i), "image_index": i}
 
 
 # --------------------------------------------------------------------------------------------------------------

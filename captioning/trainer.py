@@ -247,7 +247,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
     def caption_loss(self, dataset: CaptionImages, description, ignore_keys, metric_key_prefix) -> float:
         """Teacher-forced loss over every (image, reference) pair of the evaluation images: mean cross-entropy per
         caption token (no label smoothing)."""
-        pairs = CaptionPairs(dataset.images)
+        pairs = CaptionPairs(dataset.images, cache=dataset.cache)
         dataloader = self._get_dataloader(
             pairs,
             description=f"{description} loss",

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+
+# Caches (datasets, preprocessed images) go to a throw-away home, not the user's: set before any HF import.
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="captioning-tests-hf-home-"))
 from pathlib import Path
 
 import pytest

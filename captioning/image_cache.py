@@ -1,0 +1,150 @@
+"""Preprocess once: every image decoded and resized to the model's input size a single time, kept as uint8.
+
+Later epochs (and every evaluation) read the resized pixels from a memory-mapped file instead of decoding JPEGs
+again; the image processor then only rescales and normalises them, which gives the same ``pixel_values`` as
+processing the original image (resize output is uint8, tested). The cache is keyed by the split's fingerprint and
+the processor's settings, so another run on the same data reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from huggingface_hub import constants
+from tqdm.auto import tqdm
+
+from captioning.images import load_image
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+CHUNK = 64  # images per worker task
+
+
+def default_cache_root() -> Path:
+    return Path(constants.HF_HOME) / "captioning-image-cache"
+
+
+class ImageCache:
+    """Read-only uint8 pixels (N, 3, H, W) of one split; ``cache[i]`` is a tensor view of row ``i``."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "meta.json").read_text())
+        self.shape = tuple(meta["shape"])
+        self._array = None
+
+    def _pixels(self) -> np.memmap:
+        if self._array is None:  # opened lazily, so the object pickles cheaply into DataLoader workers
+            self._array = np.memmap(self.folder / "pixels.uint8", dtype=np.uint8, mode="r", shape=self.shape)
+        return self._array
+
+    def __getstate__(self):
+        return {"folder": self.folder, "shape": self.shape, "_array": None}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._pixels()[index]))
+
+
+def cache_key(split: datasets.Dataset, image_processor) -> str:
+    """Same images (by path and modification time, or by the dataset's fingerprint when the images are stored in
+    it) and same resize settings: same key."""
+    settings = image_processor.to_dict()
+    relevant = {key: settings.get(key) for key in ("size", "resample", "do_resize", "crop_size", "do_center_crop")}
+    digest = hashlib.sha256(
+        json.dumps([CACHE_VERSION, type(image_processor).__name__, relevant], sort_keys=True, default=str).encode()
+    )
+    feature = split.features["image"]
+    if isinstance(feature, datasets.Value):  # local files: their paths and modification times
+        for path in split.select_columns(["image"])[:]["image"]:
+            try:
+                stamp = os.stat(path).st_mtime_ns
+            except OSError:
+                stamp = -1
+            digest.update(f"{path}\0{stamp}\n".encode())
+    else:  # images inside the dataset (Hub, shards): the fingerprint datasets derives from its cache files
+        digest.update(split._fingerprint.encode())
+    return digest.hexdigest()[:24]
+
+
+def build_image_cache(
+    split: datasets.Dataset,
+    image_processor,
+    *,
+    root: str | Path | None = None,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+    description: str = "images",
+) -> ImageCache:
+    """Resize every image of ``split`` once (in ``num_workers`` processes) into a memory-mapped uint8 file; an
+    existing complete cache of the same data and processor settings is reused."""
+    folder = Path(root or default_cache_root()) / cache_key(split, image_processor)
+    if (folder / "meta.json").is_file():
+        logger.info("Reusing preprocessed %s in %s", description, folder)
+        return ImageCache(folder)
+    sample = _resize([load_image(split[0]["image"])], image_processor)[0]
+    shape = (len(split), *sample.shape)
+    needed = int(np.prod(shape))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    if needed > free * 0.9:
+        raise OSError(
+            f"Preprocessing {len(split)} {description} needs {needed / 2**30:.1f} GiB in {folder.parent}, which "
+            f"has {free / 2**30:.1f} GiB free: point --image_cache_dir elsewhere or pass --preprocess_images false."
+        )
+    staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    np.memmap(staging / "pixels.uint8", dtype=np.uint8, mode="w+", shape=shape).flush()
+    chunks = [range(start, min(start + CHUNK, len(split))) for start in range(0, len(split), CHUNK)]
+    sources = split.select_columns(["image"])
+    jobs = [
+        (staging / "pixels.uint8", shape, list(rows), sources[rows.start : rows.stop]["image"], image_processor)
+        for rows in chunks
+    ]
+    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    bar = tqdm(total=len(split), desc=f"Preprocessing {description}", unit="img", disable=not show_progress)
+    if workers <= 1 or len(chunks) == 1:
+        for job in jobs:
+            bar.update(_fill(*job))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for done in pool.map(_fill_job, jobs):
+                bar.update(done)
+    bar.close()
+    (staging / "meta.json").write_text(json.dumps({"shape": list(shape), "rows": len(split)}))
+    try:
+        os.replace(staging, folder)  # complete caches appear whole; a concurrent builder's copy simply wins
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Preprocessed %d %s once into %s (%.1f MiB)", len(split), description, folder, needed / 2**20)
+    return ImageCache(folder)
+
+
+def _resize(images, image_processor) -> torch.Tensor:
+    """The processor's own resize, without rescaling or normalising: uint8 (N, 3, H, W)."""
+    pixels = image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
+    return pixels["pixel_values"].round().clamp(0, 255).to(torch.uint8)
+
+
+def _fill_job(job) -> int:
+    return _fill(*job)
+
+
+def _fill(path: Path, shape: tuple, rows: list[int], sources: list, image_processor) -> int:
+    pixels = np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
+    resized = _resize([load_image(source) for source in sources], image_processor)
+    pixels[rows[0] : rows[-1] + 1] = resized.numpy()
+    pixels.flush()
+    return len(rows)
