@@ -22,7 +22,8 @@ from pathlib import Path
 import transformers
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from captioning.inference import DTYPES, FileCaptions, caption_files, give_default_permissions, load_captioner
+from captioning.arguments import GENERATION_FLAGS
+from captioning.inference import DTYPES, FileCaptions, caption_files, load_captioner
 from captioning.outputs import write_text_atomic
 
 logger = logging.getLogger("caption_images")
@@ -30,14 +31,6 @@ logger = logging.getLogger("caption_images")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OUTPUT_FORMATS = (".jsonl", ".csv")
 GLOB_CHARACTERS = "*?["
-GENERATION_FLAGS = (
-    "num_beams",
-    "max_new_tokens",
-    "min_new_tokens",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "length_penalty",
-)
 SKIPPED_SHOWN = 10  # skipped files named in the summary line (all of them are in <output>.skipped.txt)
 
 
@@ -191,7 +184,6 @@ def write_captions(output: Path, captions: list[tuple[str, str]], output_format:
         writer.writerows(captions)
         text = buffer.getvalue()
     write_text_atomic(output, text)
-    give_default_permissions(output)
 
 
 def skipped_path(output: Path) -> Path:
@@ -205,7 +197,6 @@ def write_skipped(output: Path, skipped: list[tuple[str, str]]) -> Path | None:
         path.unlink(missing_ok=True)
         return None
     write_text_atomic(path, "".join(f"{image}\t{' '.join(reason.split())}\n" for image, reason in skipped))
-    give_default_permissions(path)
     return path
 
 

@@ -325,6 +325,16 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
         super().__post_init__()
 
 
+# The generation flags of CaptioningArguments, in the order cards and configs list them.
+GENERATION_FLAGS = (
+    "num_beams",
+    "max_new_tokens",
+    "min_new_tokens",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "length_penalty",
+)
+
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, CaptioningArguments, CaptioningTrainingArguments)
 
 # Seq2SeqTrainingArguments flags that would silently disagree with ours: max_length counts BLIP-2's query tokens.

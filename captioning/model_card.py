@@ -22,6 +22,7 @@ import datasets
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from captioning.arguments import GENERATION_FLAGS
 from captioning.families import ModelFamily
 from captioning.outputs import CAPTIONING_CONFIG, write_text_atomic
 
@@ -47,14 +48,6 @@ FAMILY_LABELS = {"blip": "BLIP", "blip2-opt": "BLIP-2 (OPT)", "blip2-t5": "BLIP-
 _VERSIONED_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "huggingface_hub", "pycocoevalcap")
 # Hub user tokens (hf_ + 34 letters) and org API tokens: never in a card, whatever path or name carried them in.
 _TOKEN_PATTERN = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,})\b")
-_GENERATION_ORDER = (
-    "num_beams",
-    "max_new_tokens",
-    "min_new_tokens",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "length_penalty",
-)
 _HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -428,7 +421,7 @@ def _split_sizes(given: Mapping[str, tuple[int, int]] | None, files: Mapping) ->
 
 def _ordered_generation(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The usual knobs first (captioning_config.json stores them sorted by name)."""
-    order = [name for name in _GENERATION_ORDER if name in kwargs]
+    order = [name for name in GENERATION_FLAGS if name in kwargs]
     return {name: kwargs[name] for name in [*order, *sorted(set(kwargs) - set(order))]}
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +19,8 @@ matplotlib.use("Agg")  # no display; must come before pyplot is imported anywher
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.offsetbox import AnchoredOffsetbox, TextArea, VPacker  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from captioning.outputs import atomic_file  # noqa: E402
 
 DPI = 120
 FIGURE_WIDTH = 8.0  # inches: 960 px at DPI, shown at ~800 px on the Hub without losing legibility
@@ -338,17 +338,7 @@ def load_prediction_samples(
 
 
 def _save_atomic(figure: Figure, path: str | Path) -> Path:
-    """Render to a temporary PNG in the destination folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=DPI, facecolor="white")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Render the PNG into a temporary file in the destination folder, then rename it over ``path``."""
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=DPI, facecolor="white")
+    return Path(path)
