@@ -185,10 +185,11 @@ class CaptioningTrainer(Seq2SeqTrainer):
         return torch.stack([(losses * counted).sum(dim=1), counted.sum(dim=1).float()], dim=1)
 
     def generate_captions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``generate`` on pixel_values + prompt; under ZeRO-3/FSDP every process steps together."""
+        """``generate`` on pixel_values + prompt, in the run's mixed precision (accelerate autocasts only
+        ``forward``, which ``generate`` bypasses); under ZeRO-3/FSDP every process steps together."""
         kwargs = dict(self.generation_kwargs)
         kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             return self.model.generate(
                 pixel_values=inputs["pixel_values"],
                 input_ids=inputs["input_ids"],
