@@ -13,6 +13,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# isort: off
+import captioning  # noqa: F401  (first: quiets a warning bitsandbytes logs when transformers imports it)
+
+# isort: on
 import datasets
 import torch
 import transformers

@@ -122,7 +122,9 @@ class DataArguments:
             "help": "Stream the training images instead of loading them: a Hub dataset (--dataset_name) or "
             "parquet / webdataset shards (--train_file 'shards/train-*.tar'). Needs --max_steps. Each process reads "
             "its own shards; validation/test images (--max_eval_samples / --max_predict_samples, default 500) are "
-            "read into memory, from their own split or from the head of the training stream."
+            "read into memory, from their own split or from the head of the training stream. Evaluate and save by "
+            "steps (--eval_strategy steps --save_strategy steps --eval_steps N --save_steps N): a stream's epoch is "
+            "the whole stream."
         },
     )
     shuffle_buffer_size: int = field(
