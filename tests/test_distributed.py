@@ -88,13 +88,23 @@ def test_two_processes_give_the_metrics_of_one(tiny_blip, tmp_path):
         str(ROOT / "run_captioning.py"),
     ]
     flags = _flags(
-        tiny_blip, data, two, do_train=True, do_eval=True, do_predict=True, num_train_epochs=2, learning_rate=3e-3
+        tiny_blip,
+        data,
+        two,
+        do_train=True,
+        do_eval=True,
+        do_predict=True,
+        num_train_epochs=8,
+        learning_rate=2e-2,
+        lora_target_modules=["query", "key", "value", "dense"],
+        eval_strategy="no",
+        save_strategy="no",
     )
     result = subprocess.run(launch + flags, env=_env(), capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     state = json.loads((two / "trainer_state.json").read_text())
     # 9 training images x 3 captions = 27 rows; 2 processes x 4 rows a step = 4 steps an epoch (1 process: 7)
-    assert state["global_step"] == 2 * 4
+    assert state["global_step"] == 8 * 4
     one = tmp_path / "one"
     flags = _flags(two, data, one, do_eval=True, do_predict=True)
     result = subprocess.run(
@@ -107,6 +117,7 @@ def test_two_processes_give_the_metrics_of_one(tiny_blip, tmp_path):
         for metric in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "loss"):
             assert many[f"{prefix}_{metric}"] == pytest.approx(single[f"{prefix}_{metric}"], rel=1e-6, abs=1e-9)
         assert many[f"{prefix}_samples"] == single[f"{prefix}_samples"] == 7
+        assert many[f"{prefix}_cider"] > 0 and many[f"{prefix}_bleu_1"] > 0  # real captions, not empty strings
     many_lines = (two / "predictions.jsonl").read_text().splitlines()
     assert many_lines == (one / "predictions.jsonl").read_text().splitlines()
     assert len(many_lines) == len({json.loads(line)["image"] for line in many_lines}) == 7
