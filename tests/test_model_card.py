@@ -205,9 +205,11 @@ def test_hub_base_model_hub_dataset_and_license(adapter_run, tmp_path):
     assert {result.dataset_type for result in data.eval_results} == {"someone/stickers"}
 
 
-def test_base_model_rule():
-    assert is_hub_id(HUB_BASE) and is_hub_id("gpt2")
-    assert not is_hub_id("demo/build")  # exists here
+def test_base_model_rule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "blip").mkdir(parents=True)
+    assert is_hub_id(HUB_BASE) and is_hub_id("gpt2") and is_hub_id("models/other")
+    assert not is_hub_id("models/blip")  # an existing local folder, though shaped like owner/name
     assert not is_hub_id("/data/models/blip") and not is_hub_id("../blip") and not is_hub_id("")
 
 
