@@ -15,15 +15,13 @@ import io
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import transformers
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from captioning.arguments import GENERATION_FLAGS
-from captioning.inference import DTYPES, FileCaptions, caption_files, load_captioner
+from captioning.inference import DTYPES, FileCaptions, caption_files, load_captioner, setup_cli_logging
 from captioning.outputs import write_text_atomic
 
 logger = logging.getLogger("caption_images")
@@ -37,7 +35,7 @@ SKIPPED_SHOWN = 10  # skipped files named in the summary line (all of them are i
 def main(argv: list[str] | None = None) -> FileCaptions:
     """Caption the images the flags name and write the output file; returns the captions and the skipped files."""
     args = parse_args(argv)
-    setup_logging()
+    setup_cli_logging("caption_images")
     output_format = check_output(args.output)
     paths = collect_images(args.images, recursive=args.recursive)
     logger.info("Found %d images", len(paths))
@@ -113,13 +111,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ):
         raise ValueError(f"--min_new_tokens {args.min_new_tokens} exceeds --max_new_tokens {args.max_new_tokens}.")
     return args
-
-
-def setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for name in ("caption_images", "captioning"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
 
 
 def check_output(output: Path) -> str:

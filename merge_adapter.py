@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-import transformers
-
-from captioning.inference import DTYPES, merge_adapter
+from captioning.inference import DTYPES, merge_adapter, setup_cli_logging
 
 logger = logging.getLogger("merge_adapter")
 
@@ -23,7 +20,7 @@ logger = logging.getLogger("merge_adapter")
 def main(argv: list[str] | None = None) -> Path:
     """Merge the adapter the flags name; returns the output folder."""
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_cli_logging("merge_adapter")
     return merge_adapter(
         args.adapter_dir,
         args.output_dir,
@@ -54,13 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite_output_dir", action="store_true", help="Replace the model in a non-empty --output_dir."
     )
     return parser
-
-
-def setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for name in ("merge_adapter", "captioning"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import datasets
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, set_seed
+from transformers import EarlyStoppingCallback, PretrainedConfig, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 from captioning.arguments import Arguments, parse_args, validate_args
@@ -55,6 +55,17 @@ GALLERY_SIZE = 8  # test images shown in samples.png
 
 
 @dataclass
+class RunPlan:
+    """What the configuration check settled: the checkpoint's config and family, whether to push at the end, and
+    the label smoothing asked for (the Trainer's own field is zeroed once BLIP's loss applies it)."""
+
+    config: PretrainedConfig
+    family: ModelFamily
+    push_requested: bool
+    label_smoothing: float
+
+
+@dataclass
 class RunRecord:
     """What the phases produced, for the card, the pictures and the caller."""
 
@@ -68,35 +79,34 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run the job the flags describe; returns the metrics of each phase that ran (also written to output_dir)."""
     args = parse_args(argv)
     setup_logging(args.training)
-    family, push_requested, label_smoothing = check_configuration(args)
+    plan = check_configuration(args)
     splits = load_data(args)
-    trainer, model = build_trainer(args, family, splits)
+    trainer, model = build_trainer(args, plan, splits)
     try:
         record = run_phases(trainer, splits, args.caption, args.training)
     finally:
         trainer.scorer.close()
     if trainer.is_world_process_zero():
-        hub_model_id = args.training.hub_model_id if push_requested else None
-        write_card_and_pictures(args, trainer, record, splits, model, family, label_smoothing, hub_model_id)
-        if push_requested:
+        hub_model_id = args.training.hub_model_id if plan.push_requested else None
+        write_card_and_pictures(args, plan, trainer, record, splits, model, hub_model_id)
+        if plan.push_requested:
             push_output_dir(args.training.output_dir, hub_model_id, private=args.training.hub_private_repo)
     return record.metrics
 
 
-def check_configuration(args: Arguments) -> tuple[ModelFamily, bool, float]:
-    """Everything that can be checked before data or weights load. Returns the model family, whether to push at
-    the end, and the label smoothing asked for."""
+def check_configuration(args: Arguments) -> RunPlan:
+    """Everything that can be checked before data or weights load."""
     training = args.training
     validate_args(*args)
     check_push_config(training.push_to_hub, training.hub_model_id, training.hub_token)
     push_requested, training.push_to_hub = training.push_to_hub, False  # the Trainer itself never pushes
     training.resume_from_checkpoint = resolve_resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
     check_adapter_args(args.model, args.lora)
-    family = detect_family(load_config(args.model))
-    label_smoothing = training.label_smoothing_factor
-    check_label_smoothing(family, label_smoothing)
+    config = load_config(args.model)
+    family = detect_family(config)
+    check_label_smoothing(family, training.label_smoothing_factor)
     set_seed(training.seed)
-    return family, push_requested, label_smoothing
+    return RunPlan(config, family, push_requested, training.label_smoothing_factor)
 
 
 def load_data(args: Arguments) -> dict:
@@ -152,12 +162,12 @@ def training_dataset(train, cache: ImageCache | None) -> CaptionPairs | datasets
     return CaptionPairs(train, cache=cache)
 
 
-def build_trainer(args: Arguments, family: ModelFamily, splits: dict) -> tuple[CaptioningTrainer, torch.nn.Module]:
+def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[CaptioningTrainer, torch.nn.Module]:
     """Processor, model (LoRA / k-bit / full), collator, and the CaptioningTrainer around them."""
-    training = args.training
+    training, family = args.training, plan.family
     processor = load_processor(args.model)
     caches = preprocess_images(args, splits, processor.image_processor)
-    model = load_model(args.model, args.lora, load_config(args.model), family)
+    model = load_model(args.model, args.lora, plan.config, family)
     apply_label_smoothing(model, family, training.label_smoothing_factor)
     training.label_smoothing_factor = 0.0  # applied inside BLIP's loss, where the logits are aligned
     layout = build_layout(family, model.config, processor.tokenizer, args.data.caption_prompt)
@@ -296,7 +306,7 @@ def run_phases(trainer: CaptioningTrainer, splits: dict, caption_args, training_
 
 
 def write_card_and_pictures(
-    args: Arguments, trainer, record: RunRecord, splits, model, family, label_smoothing, hub_model_id
+    args: Arguments, plan: RunPlan, trainer, record: RunRecord, splits, model, hub_model_id
 ) -> None:
     """training_curves.png, samples.png, then the model card (README.md) last: saving a model rewrites README.md."""
     output_dir = Path(args.training.output_dir)
@@ -315,8 +325,8 @@ def write_card_and_pictures(
         plot_samples(samples, output_dir / "samples.png")
     context = build_card_context(
         *args,
-        family=family,
-        label_smoothing=label_smoothing,
+        family=plan.family,
+        label_smoothing=plan.label_smoothing,
         split_sizes=count_split_sizes(splits),
         lora_target_modules=adapted_module_names(model),
         hub_model_id=hub_model_id,

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from peft import PeftModel
 from PIL import Image
 from tqdm.auto import tqdm
@@ -489,3 +491,11 @@ def give_default_permissions(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def setup_cli_logging(program: str) -> None:
+    """Logging for the command-line tools: their own messages and this package's at INFO, libraries at WARNING."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for name in (program, "captioning"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()

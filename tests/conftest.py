@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioning.arguments import to_argv
 from captioning.tiny_models import build_tiny_blip, build_tiny_blip2_opt, build_tiny_blip2_t5
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,3 +69,28 @@ def make_caption_folder(root: Path, num_images: int = 12, captions_per_image: in
 @pytest.fixture(scope="session")
 def caption_folder(tmp_path_factory) -> Path:
     return make_caption_folder(tmp_path_factory.mktemp("captions"))
+
+
+def tiny_run_argv(model_dir, data_dir, output_dir, **flags) -> list[str]:
+    """run_captioning flags for a seconds-long train / eval / predict run on a tiny model and a caption folder
+    (25 % of the images for validation, 25 % for test); ``flags`` override or add."""
+    settings = dict(
+        model_name_or_path=model_dir,
+        dataset_dir=data_dir,
+        output_dir=output_dir,
+        do_train=True,
+        do_eval=True,
+        do_predict=True,
+        validation_split_percentage=25,
+        test_split_percentage=25,
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=2,
+        learning_rate=1e-3,
+        max_new_tokens=5,
+        dataloader_num_workers=0,
+        compute_meteor=False,
+        report_to="none",
+    )
+    settings.update(flags)
+    return to_argv(**settings)

@@ -39,9 +39,9 @@ from PIL import Image
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from captioning import hub
-from captioning.arguments import to_argv
 from captioning.families import detect_family
 from collators import CaptionCollator, build_layout
+from tests.conftest import tiny_run_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
@@ -498,21 +498,12 @@ def test_a_training_run_pushes_its_card_and_adapter_and_nothing_else(tiny_blip, 
     """run_captioning.py --push_to_hub end to end: the Trainer's own push stays off, ours uploads the allow-list."""
     output = tmp_path / "run"
     repo = f"{USER}/blip-trained"
-    flags = to_argv(
-        model_name_or_path=tiny_blip,
-        dataset_dir=caption_folder,
-        output_dir=output,
-        do_train=True,
-        do_eval=True,
-        do_predict=True,
+    flags = tiny_run_argv(
+        tiny_blip,
+        caption_folder,
+        output,
         eval_baseline=True,
-        num_train_epochs=1,
-        per_device_train_batch_size=4,
-        validation_split_percentage=25,
-        test_split_percentage=25,
         max_new_tokens=4,
-        dataloader_num_workers=0,
-        compute_meteor=False,
         push_to_hub=True,
         hub_model_id=repo,
         hub_private_repo=True,

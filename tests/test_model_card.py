@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-from captioning.arguments import parse_args, to_argv
+from captioning.arguments import parse_args
 from captioning.data import load_caption_splits
 from captioning.families import detect_family
 from captioning.images import load_image
@@ -35,6 +35,7 @@ from captioning.plots import load_prediction_samples, plot_samples, plot_trainin
 from captioning.trainer import build_generation_kwargs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
+from tests.conftest import tiny_run_argv
 
 pytestmark = pytest.mark.slow
 
@@ -44,27 +45,7 @@ FAKE_TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
 
 
 def _argv(model_dir, data_dir, output_dir, **flags) -> list[str]:
-    settings = dict(
-        model_name_or_path=model_dir,
-        dataset_dir=data_dir,
-        output_dir=output_dir,
-        do_train=True,
-        do_eval=True,
-        do_predict=True,
-        validation_split_percentage=25,
-        test_split_percentage=25,
-        num_train_epochs=1,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=2,
-        learning_rate=1e-3,
-        max_new_tokens=5,
-        logging_steps=1,
-        dataloader_num_workers=0,
-        compute_meteor=False,
-        report_to="none",
-    )
-    settings.update(flags)
-    return to_argv(**settings)
+    return tiny_run_argv(model_dir, data_dir, output_dir, logging_steps=1, **flags)
 
 
 def _finish_run(argv, data_dir, *, plots: bool, **card_flags):

@@ -14,6 +14,7 @@ from captioning.arguments import to_argv
 from captioning.families import detect_family
 from collators import CaptionCollator, build_layout
 from run_captioning import main
+from tests.conftest import tiny_run_argv
 
 pytestmark = pytest.mark.slow
 
@@ -21,25 +22,7 @@ METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "loss")
 
 
 def run(model_dir, data_dir, output_dir, *extra):
-    argv = to_argv(
-        model_name_or_path=model_dir,
-        dataset_dir=data_dir,
-        output_dir=output_dir,
-        do_train=True,
-        do_eval=True,
-        do_predict=True,
-        validation_split_percentage=25,
-        test_split_percentage=25,
-        num_train_epochs=1,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=2,
-        learning_rate=1e-3,
-        max_new_tokens=5,
-        dataloader_num_workers=0,
-        compute_meteor=False,
-        report_to="none",
-    )
-    return main(argv + list(extra))
+    return main(tiny_run_argv(model_dir, data_dir, output_dir) + list(extra))
 
 
 def caption_with(model, processor_dir, image) -> str:
