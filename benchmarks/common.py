@@ -30,9 +30,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor  # noqa: E402
 
 from captioning.arguments import LoraArguments, ModelArguments  # noqa: E402
-from captioning.data import LOCAL_FEATURES  # noqa: E402
 from captioning.families import BLIP  # noqa: E402
 from captioning.modeling import load_config, load_model, load_processor  # noqa: E402
+from captioning.sources.core import LOCAL_FEATURES  # noqa: E402
 from captioning.tiny_models import tiny_image_processor  # noqa: E402
 
 BLIP_BASE_VOCAB_SIZE = 30524  # bert-base-uncased's 30522 + [DEC] + [ENC], as in Salesforce/blip-image-captioning-base

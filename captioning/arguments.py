@@ -57,17 +57,26 @@ class DataArguments:
     dataset_dir: str | None = field(
         default=None,
         metadata={
-            "help": "A local dataset folder: an image folder with metadata.jsonl/metadata.csv (optionally in "
-            "train/validation/test sub-folders), the Flickr8k Kaggle layout (Images/ + captions.txt), or a "
-            "Karpathy split file (dataset_coco.json, dataset_flickr8k.json, ...). The layout is detected; "
-            "--dataset_layout names it."
+            "help": "A local dataset folder, its layout detected (--dataset_layout names it): a Karpathy split file "
+            "(dataset_coco.json, ...), COCO as downloaded (annotations/captions_train2017.json + train2017/), "
+            "Flickr30k from Kaggle (results.csv + flickr30k_images/), Flickr8k (Kaggle: Images/ + captions.txt; "
+            "original: Flickr8k.token.txt + Flicker8k_Dataset/, its split lists honoured), or an image folder with "
+            "metadata.jsonl/metadata.csv (optionally in train/validation/test sub-folders)."
         },
     )
     dataset_layout: str = field(
         default="auto",
         metadata={
-            "help": "Layout of --dataset_dir.",
-            "choices": ["auto", "imagefolder", "flickr8k", "karpathy"],
+            "help": "Layout of --dataset_dir (auto: detected; the README lists each layout's detection rule).",
+            "choices": ["auto", "imagefolder", "flickr8k", "flickr30k", "coco", "karpathy"],
+        },
+    )
+    coco_val_as: str = field(
+        default="validation",
+        metadata={
+            "help": "The coco layout: which split the val file (captions_val2017.json) becomes. test keeps it for "
+            "--do_predict and carves the validation split out of train by image (--validation_split_percentage).",
+            "choices": ["validation", "test"],
         },
     )
     image_dir: str | None = field(

@@ -1,5 +1,5 @@
 """Bad inputs, before training: every image is decoded once (in parallel), the unusable ones leave their split, and
-everything skipped or dropped (images here, captions in ``captioning.data``) is counted by reason in a report that
+everything skipped or dropped (images here, captions in ``captioning.sources``) is counted by reason in a report that
 goes to the log and to ``output_dir/data_report.json``, so that a bad file never stops a run at hour 9.
 
 The catalogue (input -> outcome; the reason is the key counted in the report):
@@ -26,7 +26,7 @@ The catalogue (input -> outcome; the reason is the key counted in the report):
                                                decode in every epoch, for a 384x384 input. Raise the limit
                                                (``PIL.Image.MAX_IMAGE_PIXELS``, None = none) to keep them.
 
-    Captions (cleaned while loading, ``captioning.data``; counted per source file)
+    Captions (cleaned while loading, ``captioning.sources``; counted per source file)
     ----------------------------------------------------------------------------------------------------------
     "" (empty)                                 dropped: empty
     whitespace only                            dropped: whitespace_only
@@ -39,6 +39,9 @@ The catalogue (input -> outcome; the reason is the key counted in the report):
     row with bytes that are not UTF-8          row skipped (all its captions): non_utf8, with its row/line
     (csv, jsonl, Flickr8k captions.txt)        number; a file in another encoding is better re-encoded than
                                                decoded with replacement characters the tokenizer turns into [UNK]
+    Flickr30k row without its separators       row skipped: malformed_row (a row missing only the second
+                                               separator keeps its caption, logged)
+    COCO caption of an image id not in images  caption skipped: unknown_image
     image left without any caption             image dropped: no_caption
     caption that is a number, dict, ...        fatal ValueError (the wrong --caption_column)
 
@@ -99,7 +102,9 @@ IMAGE_REASONS = (
     "too_small",
 )
 CAPTION_DROP_REASONS = ("empty", "whitespace_only", "null", "nan")
-ROW_SKIP_REASONS = ("non_utf8",)
+MALFORMED_ROW = "malformed_row"  # a row of a layout's file that cannot be read (e.g. Flickr30k's separators)
+UNKNOWN_IMAGE = "unknown_image"  # a caption of an image the file does not list (COCO)
+ROW_SKIP_REASONS = ("non_utf8", MALFORMED_ROW, UNKNOWN_IMAGE)
 DUPLICATE = "duplicate"
 NO_CAPTION = "no_caption"
 LONG = "long"

@@ -15,17 +15,16 @@ import random
 import datasets
 
 from captioning.arguments import DataArguments
-from captioning.data import (
+from captioning.images import describe, load_image
+from captioning.sources.core import (
     REFERENCES_FEATURE,
     SPLIT_ALIASES,
     clean_captions,
     is_image_struct,
     resolve_caption_columns,
     resolve_image_column,
-    shard_builder,
-    shard_files,
 )
-from captioning.images import describe, load_image
+from captioning.sources.shards import shard_builder, shard_files
 
 logger = logging.getLogger(__name__)
 

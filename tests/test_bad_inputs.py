@@ -16,9 +16,10 @@ from PIL import Image
 from transformers import BlipImageProcessor
 
 from captioning.arguments import DataArguments
-from captioning.data import LOCAL_FEATURES, CaptionImages, CaptionPairs, UnreadableImageError, load_caption_splits
+from captioning.data import CaptionImages, CaptionPairs, UnreadableImageError, load_caption_splits
 from captioning.images import load_image
 from captioning.scan import REPORT_FILE, DataReport, scan_splits, write_data_report
+from captioning.sources.core import LOCAL_FEATURES
 
 EXIF_ORIENTATION = 0x0112
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)

@@ -1,4 +1,5 @@
-"""Tests of captioning.data: every source and layout, by-image splits, sample limits, errors and the two views."""
+"""Tests of captioning.data and the sources it loads: every source and layout, by-image splits, sample limits, errors
+and the two views."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning import data
 from captioning.arguments import DataArguments
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
 from captioning.scan import DataReport
+from captioning.sources import hub
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers and fixtures
@@ -108,7 +109,7 @@ def karpathy_dir(tmp_path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Install a fake ``datasets.load_dataset`` (as looked up by captioning.data) returning a given DatasetDict."""
+    """Install a fake ``datasets.load_dataset`` (as captioning.sources.hub looks it up) returning a DatasetDict."""
     calls = []
 
     def install(dataset_dict):
@@ -116,7 +117,7 @@ def fake_hub(monkeypatch):
             calls.append((name, config, kwargs))
             return dataset_dict
 
-        monkeypatch.setattr(data.datasets, "load_dataset", load_dataset)
+        monkeypatch.setattr(hub.datasets, "load_dataset", load_dataset)
         return calls
 
     return install
@@ -453,7 +454,7 @@ def test_empty_captions_are_dropped_and_captionless_images_warned(tmp_path, capl
         ],
     )
 
-    with caplog.at_level(logging.WARNING, logger="captioning.data"):
+    with caplog.at_level(logging.WARNING, logger="captioning.sources.core"):
         train = load_caption_splits(args(train_file=str(file)))["train"]
 
     assert ids(train) == ["a.png"]
@@ -512,7 +513,7 @@ def test_hub_splits_are_mapped_and_images_not_decoded(fake_hub, caplog):
         )
     )
 
-    with caplog.at_level(logging.INFO, logger="captioning.data"):
+    with caplog.at_level(logging.INFO, logger="captioning.sources.hub"):
         splits = load_caption_splits(
             args(dataset_name="org/captions", dataset_config_name="small", test_split_percentage=0),
             cache_dir="/cache",

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from captioning import scan as scan_module
-from captioning.data import LOCAL_FEATURES
 from captioning.scan import (
     REPORT_FILE,
     CaptionStats,
@@ -26,6 +25,7 @@ from captioning.scan import (
     scan_splits,
     write_data_report,
 )
+from captioning.sources.core import LOCAL_FEATURES
 
 
 def png_bytes(size=(6, 4), colour=(255, 0, 0)) -> bytes:
