@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import datasets
@@ -23,11 +23,12 @@ from huggingface_hub import constants
 from tqdm.auto import tqdm
 
 from captioning.images import load_image
+from captioning.workers import process_pool
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-CHUNK = 64  # images per worker task
+CHUNK = 64  # images per worker task, at most
 
 
 def default_cache_root() -> Path:
@@ -107,19 +108,20 @@ def build_image_cache(
     staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     np.memmap(staging / "pixels.uint8", dtype=np.uint8, mode="w+", shape=shape).flush()
-    chunks = [range(start, min(start + CHUNK, len(split))) for start in range(0, len(split), CHUNK)]
+    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    size = chunk_size(len(split), workers)
+    chunks = [range(start, min(start + size, len(split))) for start in range(0, len(split), size)]
     sources = split.select_columns(["image"])
     jobs = [
         (staging / "pixels.uint8", shape, list(rows), sources[rows.start : rows.stop]["image"], image_processor)
         for rows in chunks
     ]
-    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     bar = tqdm(total=len(split), desc=f"Preprocessing {description}", unit="img", disable=not show_progress)
     if workers <= 1 or len(chunks) == 1:
         for job in jobs:
             bar.update(_fill(*job))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(min(workers, len(chunks))) as pool:  # fresh workers: see captioning/workers.py
             for done in pool.map(_fill_job, jobs):
                 bar.update(done)
     bar.close()
@@ -130,6 +132,11 @@ def build_image_cache(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("Preprocessed %d %s once into %s (%.1f MiB)", len(split), description, folder, needed / 2**20)
     return ImageCache(folder)
+
+
+def chunk_size(num_images: int, workers: int) -> int:
+    """Images per worker task: about four tasks per worker (so they finish together), at most ``CHUNK``."""
+    return max(1, min(CHUNK, math.ceil(num_images / (4 * max(workers, 1)))))
 
 
 def _resize(images, image_processor) -> torch.Tensor:

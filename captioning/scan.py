@@ -68,7 +68,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,7 @@ from tqdm.auto import tqdm
 
 from .images import describe, load_image
 from .outputs import write_json
+from .workers import process_pool
 
 logger = logging.getLogger(__name__)
 
@@ -493,7 +494,7 @@ class _InProcess:
 def _executor(workers: int) -> Executor | _InProcess:
     if workers <= 1:
         return _InProcess()
-    return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS,))
+    return process_pool(workers, _init_worker, (Image.MAX_IMAGE_PIXELS,))  # fresh workers: captioning/workers.py
 
 
 def _scan_split(

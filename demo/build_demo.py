@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Build the offline demo: a small BLIP that captions in a generic style, and a dataset of another domain.
 
-    python demo/build_demo.py            # writes demo/build/{model,data} (about a minute on 2 CPU cores)
+    python demo/build_demo.py            # writes demo/build/{model,data} (about 80 s on 2 CPU cores)
 
 Both are generated deterministically from seeds, with no download:
-- images of coloured shapes ("stickers") at various sizes and places, drawn with PIL;
+- photos of coloured shapes ("stickers") at various sizes and places, drawn with PIL and saved as 320x240 JPEGs
+  (a tenth of them stored sideways with an EXIF orientation tag, as phones do), so that a run decodes, turns upright
+  and resizes them (to the model's 32x32 input) as it does real photos;
 - ``demo/build/pretrain``: the same kind of images with generic captions ("a red circle on a white background"),
   on which a tiny BLIP is pre-trained from scratch by this repository's own run_captioning.py (full fine-tuning):
   that is the demo's "pretrained captioner", ``demo/build/model``;
@@ -23,6 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +36,11 @@ from captioning.tiny_models import build_tiny_blip  # noqa: E402
 
 logger = logging.getLogger("build_demo")
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # the model's input: the processor resizes each photo to 32x32
+PHOTO_SIZE = (320, 240)  # what the demo's files are (width, height): JPEGs of a realistic size
+SCALE = (PHOTO_SIZE[0] / IMAGE_SIZE, PHOTO_SIZE[1] / IMAGE_SIZE)  # layout below is in 32x32 units
+ROTATED_EVERY = 10  # every tenth photo is stored sideways with EXIF orientation 6 (rotate 90 degrees to view)
+EXIF_ORIENTATION = 0x0112
 COLOURS = {
     "red": (215, 40, 40),
     "green": (40, 170, 60),
@@ -79,23 +86,39 @@ WORDS = sorted(
 
 
 def draw(spec: dict, rng: random.Random) -> Image.Image:
-    """One sticker on a plain background; position and colour jitter a little."""
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[spec["background"]])
+    """One sticker on a plain background with a little sensor grain (so JPEG sizes and decoding are photo-like),
+    as a PHOTO_SIZE photo; position and colour jitter a little. The layout is planned in the model's 32x32 units
+    and scaled up."""
+    sx, sy = SCALE
     radius = 6 if spec["size"] == "small" else 11
     centre = {"left": (9, 16), "right": (23, 16), "top": (16, 9), "bottom": (16, 23), "centre": (16, 16)}[spec["place"]]
     cx, cy = (c + rng.randint(-1, 1) for c in centre)
     if spec["size"] == "large":
         cx, cy = (min(max(c, radius - 2), IMAGE_SIZE - radius + 2) for c in (cx, cy))
     colour = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[spec["colour"]])
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    x, y, r = cx * sx, cy * sy, radius * min(sx, sy)  # round shapes stay round in the photo
+    box = (round(x - r), round(y - r), round(x + r), round(y + r))
+    image = Image.new("RGB", PHOTO_SIZE, BACKGROUNDS[spec["background"]])
     canvas = ImageDraw.Draw(image)
     if spec["shape"] == "circle":
         canvas.ellipse(box, fill=colour)
     elif spec["shape"] == "square":
         canvas.rectangle(box, fill=colour)
     else:
-        canvas.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
-    return image
+        left, top, right, bottom = box
+        canvas.polygon([((left + right) // 2, top), (left, bottom), (right, bottom)], fill=colour)
+    grain = np.random.default_rng(rng.randrange(2**32)).normal(0, 6, size=(*PHOTO_SIZE[::-1], 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
+
+
+def save_photo(image: Image.Image, path: Path, sideways: bool) -> None:
+    """A JPEG (quality 90); ``sideways``: stored rotated with EXIF orientation 6, so it shows upright in a viewer."""
+    if not sideways:
+        image.save(path, quality=90)
+        return
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    image.transpose(Image.Transpose.ROTATE_90).save(path, quality=90, exif=exif)
 
 
 def random_spec(rng: random.Random) -> dict:
@@ -115,14 +138,14 @@ def captions(spec: dict, templates: tuple[str, ...], rng: random.Random, count: 
 
 
 def write_dataset(folder: Path, num_images: int, templates: tuple[str, ...], seed: int, per_image: int) -> None:
-    """An image folder with metadata.jsonl (``file_name``, ``caption``: list of references)."""
+    """An image folder of JPEG photos with metadata.jsonl (``file_name``, ``caption``: list of references)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w", encoding="utf-8") as metadata:
         for i in range(num_images):
             spec = random_spec(rng)
-            name = f"sticker_{i:05d}.png"
-            draw(spec, rng).save(folder / name)
+            name = f"sticker_{i:05d}.jpg"
+            save_photo(draw(spec, rng), folder / name, sideways=i % ROTATED_EVERY == ROTATED_EVERY - 1)
             metadata.write(json.dumps({"file_name": name, "caption": captions(spec, templates, rng, per_image)}) + "\n")
 
 

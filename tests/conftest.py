@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny BLIP / BLIP-2 checkpoints built from configs, and small captioned image folders."""
+"""Shared fixtures: tiny BLIP / BLIP-2 checkpoints built from configs, small captioned image folders and a folder of
+real-size photos."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from captioning.arguments import to_argv
 from captioning.tiny_models import build_tiny_blip, build_tiny_blip2_opt, build_tiny_blip2_t5
+from tests.photos import write_photo_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models: one intra-op thread is as fast, deterministic, and far faster when the machine is shared.
@@ -69,6 +71,13 @@ def make_caption_folder(root: Path, num_images: int = 12, captions_per_image: in
 @pytest.fixture(scope="session")
 def caption_folder(tmp_path_factory) -> Path:
     return make_caption_folder(tmp_path_factory.mktemp("captions"))
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """96 real-size photos (500x375 / 640x480 / 375x500 JPEGs, PNGs, EXIF-rotated JPEGs), 3 captions each, in an
+    image folder with metadata.jsonl: more training images than one preprocessing task holds, so pools really run."""
+    return write_photo_folder(tmp_path_factory.mktemp("photos"), count=96)
 
 
 def tiny_run_argv(model_dir, data_dir, output_dir, **flags) -> list[str]:

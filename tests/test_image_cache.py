@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoProcessor, BlipImageProcessor, BlipImag
 from captioning.data import CaptionImages, CaptionPairs
 from captioning.families import BLIP
 from captioning.image_cache import build_image_cache, cache_key
+from captioning.images import load_image
 from collators import CaptionCollator, build_layout
 
 
@@ -86,3 +87,17 @@ def test_views_and_collator_give_the_same_batches_with_the_cache(image_split, tm
     generation = collator([images[i] for i in range(5)])
     cached_generation = collator([cached_images[i] for i in range(5)])
     assert torch.equal(generation["pixel_values"], cached_generation["pixel_values"])
+
+
+def test_real_size_photos_cache_the_upright_processed_pixels_in_parallel(photo_folder, tmp_path):
+    """500x375 / 640x480 / portrait JPEGs, PNGs and EXIF-rotated JPEGs, two worker processes: each cached row is
+    exactly the processor's resize of the image as load_image opens it (upright RGB)."""
+    paths = sorted(str(path) for path in photo_folder.glob("photo_*"))[:24]
+    split = datasets.Dataset.from_dict({"image": paths})
+    processor = BlipImageProcessor(size={"height": 96, "width": 96})
+    cache = build_image_cache(split, processor, root=tmp_path, num_workers=2, show_progress=False)
+    originals = [load_image(path) for path in paths]
+    assert {image.size for image in originals} == {(500, 375), (640, 480), (375, 500)}
+    expected = processor(images=originals, do_rescale=False, do_normalize=False, return_tensors="pt")
+    expected = expected["pixel_values"].round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(torch.stack([cache[i] for i in range(len(paths))]), expected)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import multiprocessing
 import os
 
 import datasets
@@ -219,7 +218,6 @@ def _die(start, sources, min_image_side):
     os._exit(3)
 
 
-@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patched worker reaches children by fork")
 def test_a_worker_that_dies_stops_the_scan_naming_the_images(tmp_path, monkeypatch):
     good = tmp_path / "good.png"
     good.write_bytes(png_bytes())
