@@ -7,30 +7,15 @@ import json
 import logging
 from pathlib import Path
 
-import datasets
 import pytest
 
-from captioning.arguments import DataArguments
 from captioning.data import load_caption_splits
 from captioning.scan import DataReport, scan_splits
 from tests.photos import write_photos
+from tests.source_helpers import args, ids, references
 
 TRAIN_IDS = [9, 25, 30, 34, 36]  # 36 has no caption
 VAL_IDS = [139, 285, 632]
-
-
-def args(root: Path, **kwargs) -> DataArguments:
-    kwargs.setdefault("validation_split_percentage", 0)
-    kwargs.setdefault("test_split_percentage", 0)
-    return DataArguments(dataset_dir=str(root), **kwargs)
-
-
-def ids(split: datasets.Dataset) -> list[str]:
-    return split.select_columns(["image_id"])[:]["image_id"]
-
-
-def references(splits: dict[str, datasets.Dataset]) -> dict[str, list[str]]:
-    return {row["image_id"]: row["references"] for split in splits.values() for row in split}
 
 
 def file_name(image_id: int) -> str:

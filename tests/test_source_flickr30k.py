@@ -6,27 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import datasets
 import pytest
 
-from captioning.arguments import DataArguments
 from captioning.data import load_caption_splits
 from captioning.scan import DataReport, scan_splits
 from tests.photos import write_photos
-
-
-def args(root: Path, **kwargs) -> DataArguments:
-    kwargs.setdefault("validation_split_percentage", 0)
-    kwargs.setdefault("test_split_percentage", 0)
-    return DataArguments(dataset_dir=str(root), **kwargs)
-
-
-def ids(split: datasets.Dataset) -> list[str]:
-    return split.select_columns(["image_id"])[:]["image_id"]
-
-
-def references(splits: dict[str, datasets.Dataset]) -> dict[str, list[str]]:
-    return {row["image_id"]: row["references"] for split in splits.values() for row in split}
+from tests.source_helpers import args, ids, references
 
 
 def write_flickr30k(root: Path, *, nested: bool, broken: list[str] = ()) -> list:

@@ -6,30 +6,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import datasets
 import pytest
 
-from captioning.arguments import DataArguments
 from captioning.data import load_caption_splits
 from captioning.scan import DataReport, scan_splits
 from tests.photos import write_photos
+from tests.source_helpers import args, ids, references
 
 EXTRA = ["a photo", "a picture"]  # with the three captions of tests/photos.py: five per image, as in Flickr8k
 GHOST = "2258277193_586949ec62.jpg.1"  # the real token file captions an image that does not exist
-
-
-def args(root: Path, **kwargs) -> DataArguments:
-    kwargs.setdefault("validation_split_percentage", 0)
-    kwargs.setdefault("test_split_percentage", 0)
-    return DataArguments(dataset_dir=str(root), **kwargs)
-
-
-def ids(split: datasets.Dataset) -> list[str]:
-    return split.select_columns(["image_id"])[:]["image_id"]
-
-
-def references(splits: dict[str, datasets.Dataset]) -> dict[str, list[str]]:
-    return {row["image_id"]: row["references"] for split in splits.values() for row in split}
 
 
 def write_original(root: Path, *, text_dir: str = "Flickr8k_text", image_dir: str = "Flicker8k_Dataset") -> list:
