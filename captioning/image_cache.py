@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import datasets
@@ -29,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 CHUNK = 64  # images per worker task, at most
+MIN_FREE_FRACTION = 0.2  # of the disk's free space, left free by a new cache
+STAGING_MARK = ".tmp-"  # <key>.tmp-<host>-<pid>: a cache being built
+STALE_STAGING_HOURS = 24  # a staging folder unchanged this long is an interrupted build's, whatever its owner
 
 
 def default_cache_root() -> Path:
@@ -99,14 +104,24 @@ def build_image_cache(
     shape = (len(split), *sample.shape)
     needed = int(np.prod(shape))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder.parent).free
-    if needed > free * 0.9:
-        raise OSError(
-            f"Preprocessing {len(split)} {description} needs {needed / 2**30:.1f} GiB in {folder.parent}, which "
-            f"has {free / 2**30:.1f} GiB free: point --image_cache_dir elsewhere or pass --preprocess_images false."
-        )
-    staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    remove_stale_staging(folder.parent)
+    check_free_space(needed, folder.parent, f"{len(split)} {description}")
+    staging = folder.with_name(f"{folder.name}{STAGING_MARK}{socket.gethostname()}-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
+    try:
+        _fill_staging(staging, shape, split, image_processor, num_workers, show_progress, description)
+        os.replace(staging, folder)  # complete caches appear whole
+    except OSError:
+        if not (folder / "meta.json").is_file():
+            raise
+        # a concurrent builder's complete copy is already in place: it wins
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after an error, or when the other copy won: never left behind
+    logger.info("Preprocessed %d %s once into %s (%.1f MiB)", len(split), description, folder, needed / 2**20)
+    return ImageCache(folder)
+
+
+def _fill_staging(staging, shape, split, image_processor, num_workers, show_progress, description) -> None:
     np.memmap(staging / "pixels.uint8", dtype=np.uint8, mode="w+", shape=shape).flush()
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     size = chunk_size(len(split), workers)
@@ -116,22 +131,57 @@ def build_image_cache(
         (staging / "pixels.uint8", shape, list(rows), sources[rows.start : rows.stop]["image"], image_processor)
         for rows in chunks
     ]
-    bar = tqdm(total=len(split), desc=f"Preprocessing {description}", unit="img", disable=not show_progress)
-    if workers <= 1 or len(chunks) == 1:
-        for job in jobs:
-            bar.update(_fill(*job))
-    else:
-        with process_pool(min(workers, len(chunks))) as pool:  # fresh workers: see captioning/workers.py
-            for done in pool.map(_fill_job, jobs):
-                bar.update(done)
-    bar.close()
+    with tqdm(total=len(split), desc=f"Preprocessing {description}", unit="img", disable=not show_progress) as bar:
+        if workers <= 1 or len(chunks) == 1:
+            for job in jobs:
+                bar.update(_fill(*job))
+        else:
+            with process_pool(min(workers, len(chunks))) as pool:  # one-thread workers: captioning/workers.py
+                for done in pool.map(_fill_job, jobs):
+                    bar.update(done)
     (staging / "meta.json").write_text(json.dumps({"shape": list(shape), "rows": len(split)}))
+
+
+def check_free_space(needed: int, folder: Path, what: str) -> None:
+    """Refuse to fill the disk: the cache may take at most ``1 - MIN_FREE_FRACTION`` of the free space."""
+    free = shutil.disk_usage(folder).free
+    if needed > free * (1 - MIN_FREE_FRACTION):
+        raise OSError(
+            f"Preprocessing {what} needs {needed / 2**30:.1f} GiB in {folder}, which has {free / 2**30:.1f} GiB free "
+            f"(the cache leaves at least {MIN_FREE_FRACTION:.0%} of it free): point --image_cache_dir elsewhere or "
+            "pass --preprocess_images false."
+        )
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Remove the staging folders that builds killed before their ``finally`` left in ``root``: those of processes
+    of this machine that no longer run, and any unchanged for ``STALE_STAGING_HOURS`` (another machine's, or a
+    reused process id). Returns the folders removed."""
+    removed = []
+    host = socket.gethostname()
+    for path in root.glob(f"*{STAGING_MARK}*"):
+        owner = path.name.rsplit(STAGING_MARK, 1)[1]
+        owner_host, _, pid = owner.rpartition("-")
+        try:  # a live build keeps writing its pixels file
+            age_hours = (time.time() - max(p.stat().st_mtime for p in (path, *path.iterdir()))) / 3600
+        except OSError:  # removed meanwhile
+            continue
+        dead = owner_host in ("", host) and pid.isdigit() and not _process_alive(int(pid))
+        if dead or age_hours > STALE_STAGING_HOURS:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("Removed the staging folder %s of an interrupted preprocessing run", path)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
     try:
-        os.replace(staging, folder)  # complete caches appear whole; a concurrent builder's copy simply wins
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("Preprocessed %d %s once into %s (%.1f MiB)", len(split), description, folder, needed / 2**20)
-    return ImageCache(folder)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def chunk_size(num_images: int, workers: int) -> int:

@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,11 +370,13 @@ def caption_files(
     batch_size: int = 16,
     num_workers: int = 2,
     progress: bool = True,
+    on_captions: Callable[[list[tuple[str, str]]], None] | None = None,
     **overrides,
 ) -> FileCaptions:
     """Caption image files in batches; workers decode the next batches while the model generates.
 
-    Unreadable files are logged (path and reason) and skipped.
+    Unreadable files are logged (path and reason) and skipped. ``on_captions`` receives each batch's
+    ``(path, caption)`` pairs as soon as they are generated (to write them as the run goes).
     """
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths),
@@ -390,7 +392,10 @@ def caption_files(
                 logger.warning("Skipping unreadable image %s: %s", path, reason)
             result.skipped += item["failed"]
             if item["batch"] is not None:
-                result.captions += zip(item["paths"], captioner.generate(item["batch"], **overrides), strict=True)
+                captions = list(zip(item["paths"], captioner.generate(item["batch"], **overrides), strict=True))
+                if on_captions is not None:
+                    on_captions(captions)
+                result.captions += captions
             bar.update(len(item["paths"]) + len(item["failed"]))
     return result
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -24,12 +25,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from captioning.arguments import GENERATION_FLAGS
 from captioning.families import ModelFamily
-from captioning.outputs import CAPTIONING_CONFIG, write_text_atomic
+from captioning.outputs import CAPTIONING_CONFIG, write_json, write_text_atomic
+from captioning.redaction import mask_tokens
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card_template.md"
 README = "README.md"
+# The facts the card was rendered from, kept local (never pushed) so that a push can render the card again for the
+# repository it goes to, without local paths: see publication_context and captioning/hub.py.
+CARD_CONTEXT = "card_context.json"
 TRAINING_CURVES = "training_curves.png"
 SAMPLES = "samples.png"
 
@@ -46,8 +51,6 @@ METRIC_NAMES = {
 }
 FAMILY_LABELS = {"blip": "BLIP", "blip2-opt": "BLIP-2 (OPT)", "blip2-t5": "BLIP-2 (Flan-T5)"}
 _VERSIONED_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "huggingface_hub", "pycocoevalcap")
-# Hub user tokens (hf_ + 34 letters) and org API tokens: never in a card, whatever path or name carried them in.
-_TOKEN_PATTERN = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,})\b")
 _HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -88,6 +91,14 @@ class DatasetInfo:
     @property
     def hub_id(self) -> str | None:
         return self.name if self.kind == "hub" else None
+
+    @property
+    def label(self) -> str:
+        """How the model-index names the data: the Hub id, or ``name (kind)``, or the kind alone when the card
+        is published without local names."""
+        if self.hub_id:
+            return self.name
+        return f"{self.name} ({self.kind})" if self.name else self.kind
 
 
 @dataclass
@@ -160,6 +171,12 @@ class CardContext:
     examples: list[dict] = field(default_factory=list)  # first lines of predictions.jsonl
     license: str | None = None
     language: str | list[str] | None = None
+    # Absolute local folders of the training data; never rendered: a push removes them from the files it uploads.
+    data_paths: list[str] = field(default_factory=list)
+    # Set only in a card rendered for a push (publication_context): the dataset-derived files that go with it, name
+    # -> what it holds, and when there are none, why.
+    shared_data_files: dict[str, str] | None = None
+    shared_data_note: str | None = None
 
     @property
     def has_baseline(self) -> bool:
@@ -252,7 +269,67 @@ def build_card_context(
         examples=files["predictions"],
         license=license,
         language=language,
+        data_paths=_local_data_paths(data_args),
     )
+
+
+def publication_context(
+    context: CardContext,
+    *,
+    repo_id: str,
+    base_model_id: str | None,
+    shared_data_files: Mapping[str, str],
+    shared_data_note: str | None = None,
+) -> CardContext:
+    """The card of a push to ``repo_id``: the usage snippet loads ``repo_id`` on ``base_model_id`` (the Hub id of a
+    base trained from a local folder), a local dataset goes unnamed, and the test examples and sample gallery are
+    shown only when ``shared_data_files`` holds predictions.jsonl / samples.png. ``shared_data_note`` says why no
+    dataset-derived file is pushed when there is none."""
+    dataset = context.dataset if context.dataset.hub_id else dataclasses.replace(context.dataset, name="")
+    base_model = base_model_id or context.base_model
+    return dataclasses.replace(
+        context,
+        model_name=repo_id.rsplit("/", 1)[-1],
+        model_id=repo_id,
+        hub_model_id=repo_id,
+        base_model=base_model,
+        base_model_on_hub=base_model_id is not None or is_hub_id(base_model),
+        dataset=dataset,
+        examples=context.examples if "predictions.jsonl" in shared_data_files else [],
+        shared_data_files=dict(shared_data_files),
+        shared_data_note=None if shared_data_files else shared_data_note,
+    )
+
+
+def save_card_context(output_dir: str | Path, context: CardContext) -> Path:
+    """Keep ``context`` as ``output_dir/card_context.json`` (local only), for :func:`load_card_context`."""
+    path = Path(output_dir) / CARD_CONTEXT
+    write_json(path, dataclasses.asdict(context))
+    return path
+
+
+def load_card_context(output_dir: str | Path) -> CardContext | None:
+    """The context the card of ``output_dir`` was rendered from, or None when there is none (or it cannot be read:
+    a run of an older version, a hand-made folder)."""
+    path = Path(output_dir) / CARD_CONTEXT
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return CardContext(
+            **{
+                **data,
+                "lora": LoraSettings(**data["lora"]) if data["lora"] else None,
+                "dataset": DatasetInfo(**data["dataset"]),
+                "splits": {name: tuple(sizes) for name, sizes in data["splits"].items()},
+                "hyperparameters": Hyperparameters(**data["hyperparameters"]),
+                "training": TrainingRun(**data["training"]),
+                "metrics": [MetricRow(**row) for row in data["metrics"]],
+            }
+        )
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        logger.warning("Model card: could not read %s (%s); the card is pushed as written.", path, error)
+        return None
 
 
 def count_split_sizes(splits: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
@@ -396,6 +473,16 @@ def _dataset_info(data_args) -> DatasetInfo:
         return DatasetInfo(kind="local folder", name=_shown_path(data_args.dataset_dir), layout=layout)
     files = [getattr(data_args, name) for name in ("train_file", "validation_file", "test_file")]
     return DatasetInfo(kind="local files", name=", ".join(_shown_path(file) for file in files if file))
+
+
+def _local_data_paths(data_args) -> list[str]:
+    """The folders the data came from (absolute): --dataset_dir, --image_dir and those of the data files."""
+    folders = [getattr(data_args, name, None) for name in ("dataset_dir", "image_dir")]
+    for name in ("train_file", "validation_file", "test_file"):
+        file = getattr(data_args, name, None)
+        if file and "://" not in file:
+            folders.append(os.path.dirname(file) or ".")
+    return sorted({os.path.abspath(os.path.expanduser(folder)) for folder in folders if folder})
 
 
 def _shown_path(path: str) -> str:
@@ -551,7 +638,7 @@ def _eval_results(context: CardContext, split: str, results: Mapping, prefix: st
                 task_type="image-to-text",
                 task_name="Image captioning",
                 dataset_type=dataset.hub_id or "local",
-                dataset_name=f"{dataset.name} ({dataset.kind})" if not dataset.hub_id else dataset.name,
+                dataset_name=dataset.label,
                 dataset_config=dataset.config,
                 dataset_split=split,
                 metric_type=key,
@@ -564,14 +651,18 @@ def _eval_results(context: CardContext, split: str, results: Mapping, prefix: st
 
 def render_model_card(context: CardContext, output_dir: str | Path | None = None) -> str:
     """The card's text. Images are linked only when ``training_curves.png`` / ``samples.png`` exist in
-    ``output_dir``. Anything shaped like a Hub token is replaced by ``[REDACTED]``."""
+    ``output_dir`` (and, in a card for a push, samples.png only when it is pushed). Anything shaped like a Hub token
+    is replaced by ``[REDACTED]``."""
     folder = Path(output_dir) if output_dir is not None else None
+    shared = context.shared_data_files
     card = ModelCard.from_template(
         build_card_data(context),
         template_path=str(TEMPLATE_PATH),
         card=context,
         training_curves=TRAINING_CURVES if folder is not None and (folder / TRAINING_CURVES).is_file() else None,
-        samples_image=SAMPLES if folder is not None and (folder / SAMPLES).is_file() else None,
+        samples_image=SAMPLES
+        if folder is not None and (folder / SAMPLES).is_file() and (shared is None or SAMPLES in shared)
+        else None,
         fmt=format_metric,
         signed=format_delta,
         number=format_number,
@@ -583,15 +674,18 @@ def render_model_card(context: CardContext, output_dir: str | Path | None = None
 
 
 def write_model_card(output_dir: str | Path, context: CardContext) -> Path:
-    """Render the card into ``output_dir/README.md`` (atomically) and return its path."""
+    """Render the card into ``output_dir/README.md`` (atomically) and return its path. The context is kept next to
+    it (card_context.json, never pushed) so that a push can render the card again for its repository."""
     path = Path(output_dir) / README
     write_text_atomic(path, render_model_card(context, output_dir))
+    save_card_context(output_dir, context)
     logger.info("Model card written to %s", path)
     return path
 
 
 def redact_tokens(text: str) -> str:
-    redacted, count = _TOKEN_PATTERN.subn("[REDACTED]", text)
+    """``text`` with every token-shaped string (captioning.redaction.TOKEN_PATTERN) replaced by ``[REDACTED]``."""
+    redacted, count = mask_tokens(text, "[REDACTED]")
     if count:
         logger.warning("Model card: replaced %d token-shaped string(s) with [REDACTED].", count)
     return redacted

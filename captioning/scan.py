@@ -77,10 +77,10 @@ from typing import Any, NamedTuple
 import datasets
 import numpy as np
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .distributed import run_on_main
 from .images import describe, load_image
 from .outputs import write_json
 from .workers import process_pool
@@ -494,7 +494,7 @@ class _InProcess:
 def _executor(workers: int) -> Executor | _InProcess:
     if workers <= 1:
         return _InProcess()
-    return process_pool(workers, _init_worker, (Image.MAX_IMAGE_PIXELS,))  # fresh workers: captioning/workers.py
+    return process_pool(workers, _init_worker, (Image.MAX_IMAGE_PIXELS,))  # one-thread workers: captioning/workers.py
 
 
 def _scan_split(
@@ -620,25 +620,21 @@ def _image_examples(split: datasets.Dataset, bad: list[ImageCheck], max_examples
 
 def scan_splits_once(splits: dict[str, datasets.Dataset], **kwargs) -> tuple[dict[str, datasets.Dataset], DataReport]:
     """``scan_splits`` for a run of one or several processes: the main process scans (with its worker pool), the
-    others keep the same images, so the CPUs are not oversubscribed N times. Errors reach every process."""
-    state = PartialState()
-    if state.num_processes == 1:
+    others keep the same images, so the CPUs are not oversubscribed N times. Any error of the scan stops every
+    process with its message (``run_on_main``)."""
+    if PartialState().num_processes == 1:
         return scan_splits(splits, **kwargs)
-    outcome: list = [None]
-    if state.is_main_process:
-        try:
-            scanned, report = scan_splits(splits, **kwargs)
-            kept = {name: _kept_rows(splits[name], scanned[name]) for name in splits}
-            outcome = [("ok", kept, report)]
-        except ValueError as error:
-            outcome = [("error", str(error), None)]
-    broadcast_object_list(outcome, from_process=0)
-    status, payload, report = outcome[0]
-    if status == "error":
-        raise ValueError(payload)
-    if state.is_main_process:
+    scanned: dict[str, datasets.Dataset] = {}
+
+    def scan() -> tuple[dict[str, list[int]], DataReport]:
+        clean, report = scan_splits(splits, **kwargs)
+        scanned.update(clean)
+        return {name: _kept_rows(splits[name], clean[name]) for name in splits}, report  # row numbers travel
+
+    kept, report = run_on_main(scan, what="Checking the images")
+    if scanned:  # the main process
         return scanned, report
-    return {name: split.select(payload[name]) for name, split in splits.items()}, report
+    return {name: split.select(kept[name]) for name, split in splits.items()}, report
 
 
 def _kept_rows(original: datasets.Dataset, kept: datasets.Dataset) -> list[int]:

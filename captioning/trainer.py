@@ -6,23 +6,25 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
+import shutil
 from functools import partial
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalLoopOutput, seed_worker
 
+from captioning.checkpoints import rotate_run_checkpoints
 from captioning.data import CaptionImages, CaptionPairs
+from captioning.distributed import run_on_main
 from captioning.families import ENCODER_DECODER, ModelFamily
 from captioning.grouping import ImageGroupedBatchSampler, expand_image_features
 from captioning.outputs import write_json, write_text_atomic
+from captioning.run_dir import new_run_id, staging_dir, swap_in_final_model
 from collators import IGNORE_INDEX, CaptionLayout
 
 logger = logging.getLogger(__name__)
@@ -61,9 +63,12 @@ class CaptioningTrainer(Seq2SeqTrainer):
         scorer,
         image_feature_module: torch.nn.Module | None = None,
         captions_per_image_in_batch: int = 1,
+        run_id: str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.run_id = run_id or new_run_id()  # what MarkCompleteCheckpoints records in this run's checkpoints
+        self.checkpoint_limit = self.args.save_total_limit
         self.image_feature_module = image_feature_module
         self.captions_per_image_in_batch = captions_per_image_in_batch
         # BLIP's text decoder and T5 take **kwargs but ignore `num_items_in_batch` and return a per-device mean; the
@@ -137,18 +142,48 @@ class CaptioningTrainer(Seq2SeqTrainer):
 
     def save_model(self, output_dir=None, _internal_call=False):
         """Checkpoints are saved as the Trainer does (MarkCompleteCheckpoints flags finished ones); the final model
-        is saved into a staging folder first and its files moved into place one by one."""
+        is written into output_dir/.final-<run id>/ and swapped in as a whole set (captioning/run_dir.py states what
+        a crash can leave)."""
         if _internal_call:
             return super().save_model(output_dir, _internal_call)
         output_dir = Path(output_dir or self.args.output_dir)
-        staging = output_dir / ".saving"
+        staging = staging_dir(output_dir, self.run_id)
+        if self.is_world_process_zero() and staging.exists():
+            shutil.rmtree(staging)  # what an interrupted attempt of this run left
+        self.accelerator.wait_for_everyone()
         super().save_model(str(staging), _internal_call)
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
-            for path in staging.iterdir():
-                os.replace(path, output_dir / path.name)
-            staging.rmdir()
+            swap_in_final_model(staging, output_dir)
         self.accelerator.wait_for_everyone()
+
+    # --- checkpoint rotation: only this run's checkpoints -------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        """The Trainer's rotation deletes any ``checkpoint-*`` folder of output_dir (the oldest by mtime) and, with
+        ``save_total_limit`` 1, every checkpoint but the best at the end. Here both touch only this run's checkpoints
+        (those whose marker holds ``run_id``): another run's checkpoint is never deleted."""
+        self.checkpoint_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = self.checkpoint_limit
+        best = self.state.best_model_checkpoint
+        if self.args.should_save and best is not None and self.checkpoint_limit == 1:
+            rotate_run_checkpoints(self.args.output_dir, self.run_id, 1, newest=Path(best), best=best)
+        return result
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            rotate_run_checkpoints(
+                run_dir,
+                self.run_id,
+                self.checkpoint_limit,
+                newest=Path(run_dir) / f"checkpoint-{self.state.global_step}",
+                best=self.state.best_model_checkpoint,
+            )
 
     # --- evaluation ---------------------------------------------------------------------------------------------
 
@@ -238,12 +273,9 @@ class CaptioningTrainer(Seq2SeqTrainer):
         return captions
 
     def score(self, captions: list[str], references: list[list[str]]) -> dict[str, float]:
-        """Caption metrics, computed once on the main process and shared (every process needs them)."""
-        if self.accelerator.num_processes == 1:
-            return self.scorer(captions, references)
-        result = [self.scorer(captions, references) if self.accelerator.is_main_process else None]
-        broadcast_object_list(result, from_process=0)
-        return result[0]
+        """Caption metrics, computed once on the main process and shared (every process needs them); a failure
+        stops every process with its message."""
+        return run_on_main(self.scorer, captions, references, what="Scoring the captions")
 
     def caption_loss(self, dataset: CaptionImages, description, ignore_keys, metric_key_prefix) -> float:
         """Teacher-forced loss over every (image, reference) pair of the evaluation images: mean cross-entropy per

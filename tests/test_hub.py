@@ -5,6 +5,10 @@ stay local: training_args.bin holding a token, a checkpoint, tensorboard runs) i
 ``huggingface_hub`` client, mostly through the ``push_to_hub.py`` command line in a subprocess, to
 ``tests/hub_server.py``; the outcomes are read back through the same client: repo visibility, the file set, the bytes,
 LFS versus regular uploads, the card, commits, and that an adapter downloaded from the server loads and captions.
+A real training run (``run_captioning.py --push_to_hub`` from a local base and a local dataset folder) shows what a
+push shares: no local path in any pushed byte, dataset content only with --push_samples, private repos by default,
+and a card rendered for the repo pushed to; repos made by others and weights of the other kind are handled in one
+commit (deletions included).
 
 What this does NOT prove: anything the real Hub decides on its side. Xet storage (the default upload path when hf_xet
 is installed; here HF_HUB_DISABLE_XET=1 exercises the legacy LFS path), multipart LFS uploads of large files, its
@@ -22,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,10 +43,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
+import run_captioning
 from captioning import hub
+from captioning.arguments import parse_args
 from captioning.families import detect_family
+from captioning.model_card import CARD_CONTEXT, redact_tokens
 from collators import CaptionCollator, build_layout
-from tests.conftest import tiny_run_argv
+from tests.conftest import make_caption_folder, tiny_run_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
@@ -75,6 +83,9 @@ def run_dir(tiny_blip, tmp_path_factory) -> Path:
     # init_lora_weights=False: a non-zero adapter, so that loading it changes the captions.
     lora = LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(out)
+    # Trained from the Hub model (tiny_blip stands in for it): what adapter_config.json then names.
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": BASE_MODEL}))
     AutoProcessor.from_pretrained(tiny_blip).save_pretrained(out)
     (out / "README.md").write_text(CARD)
     for name, colour in (("training_curves.png", (200, 30, 30)), ("samples.png", (30, 30, 200))):
@@ -110,12 +121,18 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, server: HubServer, home: Path, token: str | None = TOKEN, script: str = "push_to_hub.py"
+    *args: str,
+    server: HubServer,
+    home: Path,
+    token: str | None = TOKEN,
+    script: str = "push_to_hub.py",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``python push_to_hub.py ...`` in a fresh process: HF_ENDPOINT and the token as a user would set them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "HUGGINGFACE"))}
-    env.pop("TRANSFORMERS_OFFLINE", None)
-    env.update(
+    """``python push_to_hub.py ...`` in a fresh process: HF_ENDPOINT and the token as a user would set them; ``env``
+    adds or overrides variables (HOME, say)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "HUGGINGFACE"))}
+    environment.pop("TRANSFORMERS_OFFLINE", None)
+    environment.update(
         HF_ENDPOINT=server.url,
         HF_HOME=str(home),  # no login store, cache or registry of the machine running the tests
         HF_HUB_OFFLINE="0",  # conftest sets 1 for the rest of the suite; it blocks loopback too
@@ -124,11 +141,12 @@ def run_cli(
         HF_HUB_DISABLE_TELEMETRY="1",
     )
     if token is not None:
-        env["HF_TOKEN"] = token
+        environment["HF_TOKEN"] = token
+    environment.update(env or {})
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=ROOT,
-        env=env,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=120,
@@ -190,11 +208,12 @@ def caption_with(model, processor_dir: Path, image: Image.Image) -> str:
 
 @pytest.fixture(scope="module")
 def pushed(run_dir, tmp_path_factory):
-    """run_dir pushed once by the command line to a new private repo, then read back through the real client."""
+    """run_dir pushed once by the command line (default visibility, samples asked for) to a new repo, then read back
+    through the real client."""
     home = tmp_path_factory.mktemp("hf-home")
     repo = f"{USER}/blip-lora"
     with HubServer() as server:
-        proc = run_cli(str(run_dir), "--hub_model_id", repo, "--hub_private_repo", server=server, home=home)
+        proc = run_cli(str(run_dir), "--hub_model_id", repo, "--push_samples", server=server, home=home)
         assert proc.returncode == 0, proc.stderr
         with client_for(server, home) as api:
             info = api.model_info(repo)
@@ -236,13 +255,29 @@ def test_cli_pushes_exactly_the_allow_listed_files(pushed, run_dir):
     )
 
 
-def test_private_flag_is_honoured(pushed):
+def test_new_repos_are_private_by_default(pushed):
     assert pushed.info.private is True
     assert isinstance(pushed.anonymous_error, RepositoryNotFoundError)
 
 
+def test_run_captioning_makes_private_repos_unless_told_otherwise():
+    base = ["--model_name_or_path", "m", "--dataset_dir", "d", "--output_dir", "o", "--do_train"]
+    assert parse_args(base).training.hub_private_repo is True
+    assert parse_args([*base, "--hub_private_repo", "false"]).training.hub_private_repo is False
+
+
 def test_public_push_makes_a_public_repo(run_dir, server, tmp_path):
-    proc = run_cli(str(run_dir), "--hub_model_id", f"{USER}/blip-public", server=server, home=tmp_path)
+    repo = f"{USER}/blip-public"
+    proc = run_cli(
+        str(run_dir),
+        "--hub_model_id",
+        repo,
+        "--hub_private_repo",
+        "false",
+        "--push_samples",
+        server=server,
+        home=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     with client_for(server, tmp_path, token=None) as api:
         info = api.model_info(f"{USER}/blip-public", token=False)  # readable without a token
@@ -337,7 +372,7 @@ def test_a_transient_commit_failure_is_retried(run_dir, server, api, caplog):
     repo = f"{USER}/blip-retry"
     server.fail("POST", r"/commit/main$", status=503, times=1)
     with caplog.at_level("WARNING", logger="captioning.hub"):
-        url = hub.push_output_dir(run_dir, repo, private=True)
+        url = hub.push_output_dir(run_dir, repo, private=True, push_samples=True)
     assert url is not None
     assert [r.status for r in commit_posts(server)] == [503, 200]
     assert "Push attempt 1/3 failed" in caplog.text and "503" in caplog.text
@@ -352,7 +387,7 @@ def test_persistent_server_errors_exhaust_the_retries_and_name_the_retry_command
     message = str(raised.value)
     assert "failed after 3 attempts" in message and "503" in message
     assert f"{run_dir} is intact" in message
-    assert f"python push_to_hub.py {run_dir} --hub_model_id {USER}/blip-down --hub_private_repo" in message
+    assert message.endswith(f"retry with: python push_to_hub.py {run_dir} --hub_model_id {USER}/blip-down")
     assert len(commit_posts(server)) == 3
     assert tree_digest(run_dir) == before
 
@@ -417,8 +452,10 @@ def test_a_card_with_broken_yaml_fails_before_any_upload(run_dir, server, api, t
 def test_private_push_to_an_existing_public_repo_is_refused(run_dir, server, api):
     repo = f"{USER}/blip-was-public"
     hub.push_output_dir(run_dir, repo, private=False)
-    with pytest.raises(RuntimeError, match="already exists and is public"):
+    with pytest.raises(RuntimeError, match="already exists and is public.*--hub_private_repo false"):
         hub.push_output_dir(run_dir, repo, private=True)
+    with pytest.raises(RuntimeError, match="already exists and is public"):
+        hub.push_output_dir(run_dir, repo)  # private is the default
     assert len(commit_posts(server)) == 1
 
 
@@ -494,35 +531,288 @@ def test_the_allow_list_keeps_training_state_local(tmp_path):
         hub.files_to_push(tmp_path / "missing")
 
 
-def test_a_training_run_pushes_its_card_and_adapter_and_nothing_else(tiny_blip, caption_folder, server, tmp_path):
-    """run_captioning.py --push_to_hub end to end: the Trainer's own push stays off, ours uploads the allow-list."""
-    output = tmp_path / "run"
+# --- a training run, end to end: what a push shares ---------------------------------------------------------------
+
+PRIVATE_HOME = "home-of-ada-lovelace"  # names of local folders that must not reach the Hub
+PRIVATE_DATA = "holiday-photos-of-ada"
+DATASET_FILES = {"samples.png", "predictions.jsonl", "data_report.json"}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_blip, tmp_path_factory):
+    """``run_captioning.py --push_to_hub`` from a local base (tiny_blip, standing in for BASE_MODEL) and a local
+    dataset folder with one broken image, HOME set to a folder with a personal name. The server stays up for later
+    pushes of the same output_dir."""
+    root = tmp_path_factory.mktemp("e2e")
+    home = root / PRIVATE_HOME
+    home.mkdir()
+    data = make_caption_folder(root / PRIVATE_DATA)
+    (data / "img_bad.png").write_text("not a png")  # skipped by the scan: an example with its path in data_report
+    with (data / "metadata.jsonl").open("a") as metadata:
+        metadata.write(json.dumps({"file_name": "img_bad.png", "caption": ["a broken picture"]}) + "\n")
+    output = root / "run"
     repo = f"{USER}/blip-trained"
     flags = tiny_run_argv(
         tiny_blip,
-        caption_folder,
+        data,
         output,
         eval_baseline=True,
         max_new_tokens=4,
+        max_bad_fraction=0.5,
         push_to_hub=True,
         hub_model_id=repo,
-        hub_private_repo=True,
+        base_model_id=BASE_MODEL,
         license="mit",
     )
-    proc = run_cli(*flags, server=server, home=tmp_path / "home", script="run_captioning.py")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert server.errors == []
-    stored = server.repos[repo]
-    assert stored.private
+    with HubServer() as server:
+        proc = run_cli(
+            *flags, server=server, home=root / "hf-home", script="run_captioning.py", env={"HOME": str(home)}
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert server.errors == []
+        yield SimpleNamespace(server=server, proc=proc, repo=repo, output=output, data=data, home=home, root=root)
+
+
+def download(server: HubServer, repo: str, folder: Path) -> dict[str, bytes]:
+    """Every file of ``repo`` as the real client downloads it."""
+    with client_for(server, folder / "hf-home"):
+        local = Path(snapshot_download(repo, token=TOKEN, local_dir=folder / "download"))
+    return {
+        str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts
+    }
+
+
+def assert_no_local_names(files: dict[str, bytes], trained, tiny_blip: Path) -> None:
+    """No absolute local path (the test machine's temporary folder included), no home-folder or dataset-folder name
+    in any byte of any file."""
+    top = "/" + Path(trained.root).parts[1] + "/"  # e.g. /tmp/
+    for name, data in files.items():
+        text = data.decode("utf-8", errors="replace")
+        for local in (str(trained.root), str(tiny_blip), top, PRIVATE_HOME, PRIVATE_DATA):
+            assert local not in text, (name, local)
+
+
+def card_section(card: str, heading: str) -> str:
+    start = card.index(heading)
+    following = re.search(r"^#{1,3} ", card[start + len(heading) :], flags=re.M)
+    return card[start : start + len(heading) + following.start()] if following else card[start:]
+
+
+def test_a_training_run_pushes_no_local_path(trained, tiny_blip, tmp_path):
+    files = download(trained.server, trained.repo, tmp_path)
+    assert_no_local_names(files, trained, tiny_blip)
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == BASE_MODEL
+    assert json.loads(files["captioning_config.json"])["base_model"] == BASE_MODEL
+    local_state = json.loads((trained.output / "trainer_state.json").read_text())
+    assert Path(local_state["best_model_checkpoint"]).parent == trained.output
+    best = json.loads(files["trainer_state.json"])["best_model_checkpoint"]
+    assert best == Path(local_state["best_model_checkpoint"]).name and best.startswith("checkpoint-")
+    card = ModelCard(files["README.md"].decode())
+    assert f'MODEL_ID = "{trained.repo}"' in card.text and f'BASE_ID = "{BASE_MODEL}"' in card.text
+    assert card.data.base_model == BASE_MODEL and card.data.license == "mit"
+    # The local files keep the local paths, for caption_images.py and merge_adapter.py on this machine.
+    local_adapter = json.loads((trained.output / "adapter_config.json").read_text())
+    assert local_adapter["base_model_name_or_path"] == str(tiny_blip)
+
+
+def test_a_training_run_keeps_local_dataset_content_local_and_says_so(trained, tmp_path):
+    stored = trained.server.repos[trained.repo]
+    assert stored.private  # no --hub_private_repo given
     assert len(stored.commits) == 2  # the Hub's initial commit and ours: no checkpoint pushes by the Trainer
     pushed = set(stored.commits[-1].files) - {".gitattributes"}
-    assert (output / "training_args.bin").is_file() and any(output.glob("checkpoint-*"))
-    assert pushed == {path.name for path in output.iterdir() if path.is_file()} - {"training_args.bin"}
-    card = ModelCard(stored.commits[-1].files["README.md"].content.decode())
-    assert card.data.library_name == "peft" and card.data.license == "mit"
-    evaluation = json.loads((output / "eval_results.json").read_text())
-    cider = [result for result in card.data.eval_results if result.metric_type == "cider"]
+    assert {p.name for p in trained.output.iterdir()} >= DATASET_FILES  # written, and kept local
+    assert pushed == set(hub.files_to_push(trained.output)) - DATASET_FILES
+    assert not pushed & {"training_args.bin", CARD_CONTEXT}
+    card = stored.commits[-1].files["README.md"].content.decode()
+    assert card_section(card, "### Dataset content in this repository").split("\n", 2)[2].strip() == (
+        "None: no file derived from the training data (test images, captions, file names) is in this repository. "
+        "The training data are local, and a push publishes their content only when asked (--push_samples)."
+    )
+    assert "Example predictions" not in card and "samples.png" not in card
+    evaluation = json.loads((trained.output / "eval_results.json").read_text())
+    cider = [result for result in ModelCard(card).data.eval_results if result.metric_type == "cider"]
     assert evaluation["eval_cider"] in {result.metric_value for result in cider}
-    assert f'MODEL_ID = "{repo}"' in card.text
-    for text in (proc.stdout, proc.stderr):
+    assert {result.dataset_name for result in ModelCard(card).data.eval_results} == {"local folder"}
+    for text in (trained.proc.stdout, trained.proc.stderr):
         assert TOKEN not in text and not re.search(r"hf_[A-Za-z0-9]{30,}", text)
+
+
+def test_push_to_hub_publishes_samples_when_asked_with_a_card_for_its_repo(trained, tiny_blip, tmp_path):
+    repo = f"{USER}/other-name"
+    proc = run_cli(
+        str(trained.output),
+        *("--hub_model_id", repo, "--base_model_id", BASE_MODEL, "--push_samples"),
+        server=trained.server,
+        home=tmp_path / "home",
+        env={"HOME": str(trained.home)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = download(trained.server, repo, tmp_path)
+    assert set(files) >= DATASET_FILES
+    assert_no_local_names(files, trained, tiny_blip)
+    report = json.loads(files["data_report.json"])
+    examples = [example for split in report["splits"].values() for example in split["examples"]]
+    assert [(example["image"], example["reason"]) for example in examples] == [("img_bad.png", "not_an_image")]
+    assert list(report["sources"]) == ["--dataset_dir . (metadata.jsonl)"]
+    card = files["README.md"].decode()
+    assert f'MODEL_ID = "{repo}"' in card and card.count("\n# other-name\n") == 1
+    assert ModelCard(card).data.model_name == "other-name"
+    section = card_section(card, "### Dataset content in this repository")
+    listed = re.findall(r"^- `([^`]+)`: (.+)$", section, flags=re.M)
+    assert listed == list(hub.DATASET_FILES.items())
+    assert "### Example predictions (test split)" in card and "](samples.png)" in card
+
+
+def test_push_to_hub_needs_the_hub_id_of_a_local_base(trained, tiny_blip, tmp_path):
+    before = len(trained.server.requests)
+    proc = run_cli(str(trained.output), "--hub_model_id", f"{USER}/no-base-id", server=trained.server, home=tmp_path)
+    assert proc.returncode == 1
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("push_to_hub.py: error:")]
+    assert f"The base model is the local folder {tiny_blip}" in error and "--base_model_id" in error
+    assert trained.server.requests[before:] == []
+
+
+@pytest.mark.parametrize(("push_samples", "shared"), [(None, True), (False, False)], ids=["default", "false"])
+def test_a_hub_dataset_run_publishes_its_samples_unless_told_not_to(trained, tmp_path, push_samples, shared):
+    copy = tmp_path / "run"
+    shutil.copytree(trained.output, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    context = json.loads((copy / CARD_CONTEXT).read_text())
+    context["dataset"] = {"kind": "hub", "name": "someone/stickers", "config": None, "layout": None}
+    (copy / CARD_CONTEXT).write_text(json.dumps(context))
+    repo = f"{USER}/stickers-{push_samples}"
+    with client_for(trained.server, tmp_path):
+        hub.push_output_dir(copy, repo, base_model_id=BASE_MODEL, push_samples=push_samples)
+    stored = trained.server.repos[repo].head.files
+    assert DATASET_FILES & set(stored) == (DATASET_FILES if shared else set())
+    card = stored["README.md"].content.decode()
+    section = card_section(card, "### Dataset content in this repository")
+    if shared:
+        assert re.findall(r"^- `([^`]+)`", section, flags=re.M) == list(hub.DATASET_FILES)
+    else:
+        assert section.rstrip().endswith("is in this repository. The push was given --push_samples false.")
+    assert ModelCard(card).data.datasets == ["someone/stickers"]
+
+
+def test_a_push_from_a_local_base_without_its_hub_id_fails_before_training(tiny_blip, caption_folder, tmp_path):
+    output = tmp_path / "run"
+    argv = tiny_run_argv(tiny_blip, caption_folder, output, push_to_hub=True, hub_model_id=f"{USER}/blip")
+    with pytest.raises(ValueError, match=f"The base model is the local folder {tiny_blip}.*pass --base_model_id"):
+        run_captioning.main(argv)
+    assert not output.exists()  # nothing trained, nothing written
+
+
+# --- pushing into a repo that holds other files --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_model_dir(run_dir, tmp_path_factory) -> Path:
+    """A run that fine-tuned the whole model: weights and config.json instead of the adapter."""
+    out = tmp_path_factory.mktemp("full") / "out"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("adapter_*", "checkpoint-*", "runs"))
+    (out / "model.safetensors").write_bytes(b"full model weights" * 64)
+    (out / "config.json").write_text(json.dumps({"model_type": "blip"}))
+    return out
+
+
+def commit_lines(server: HubServer) -> list[dict]:
+    (last,) = commit_posts(server)[-1:]
+    return [json.loads(line) for line in last.body.decode().splitlines()][1:]
+
+
+def test_a_repo_this_tool_did_not_make_is_refused_unless_overwriting(run_dir, server, api):
+    repo = f"{USER}/someone-elses-model"
+    api.create_repo(repo, private=True)
+    theirs = (
+        ("model.safetensors", b"weights" * 64),
+        ("config.json", b"{}"),
+        ("README.md", b"---\nlicense: mit\n---\n"),
+    )
+    for name, data in theirs:
+        api.upload_file(path_or_fileobj=data, path_in_repo=name, repo_id=repo)
+    commits = len(commit_posts(server))
+    with pytest.raises(
+        RuntimeError,
+        match=r"not made by this tool .*\(config.json, model.safetensors\).*"
+        r"--hub_overwrite_foreign_repo.*Nothing was uploaded",
+    ):
+        hub.push_output_dir(run_dir, repo)
+    assert len(commit_posts(server)) == commits
+
+    hub.push_output_dir(run_dir, repo, overwrite_foreign_repo=True, push_samples=True)
+    assert len(commit_posts(server)) == commits + 1  # one commit: the adapter in, the full model's weights out
+    deleted = {line["value"]["path"] for line in commit_lines(server) if line["key"] == "deletedFile"}
+    assert deleted == {"model.safetensors", "config.json"}
+    assert set(server.repos[repo].head.files) - {".gitattributes"} == expected_files(run_dir)
+
+
+def test_a_repo_holding_only_a_card_is_pushed_into(run_dir, server, api):
+    repo = f"{USER}/card-only"
+    api.create_repo(repo, private=True)
+    api.upload_file(path_or_fileobj=b"---\nlicense: mit\n---\n", path_in_repo="README.md", repo_id=repo)
+    assert hub.push_output_dir(run_dir, repo, push_samples=True) is not None
+    assert set(server.repos[repo].head.files) - {".gitattributes"} == expected_files(run_dir)
+
+
+def test_pushing_one_kind_of_weights_deletes_the_other_in_the_same_commit(run_dir, full_model_dir, server, api):
+    repo = f"{USER}/changing-kind"
+    hub.push_output_dir(run_dir, repo, push_samples=True)
+    hub.push_output_dir(full_model_dir, repo, push_samples=True)
+    deleted = {line["value"]["path"] for line in commit_lines(server) if line["key"] == "deletedFile"}
+    assert deleted == {"adapter_model.safetensors", "adapter_config.json"}
+    files = set(server.repos[repo].head.files)
+    assert {"model.safetensors", "config.json"} <= files and not files & deleted
+
+    hub.push_output_dir(run_dir, repo, push_samples=True)  # and back
+    deleted = {line["value"]["path"] for line in commit_lines(server) if line["key"] == "deletedFile"}
+    assert deleted == {"model.safetensors", "config.json"}
+    assert len(server.repos[repo].commits) == 4  # initial + three pushes, each one commit
+
+
+def test_dataset_files_of_an_earlier_push_go_when_a_push_withholds_them(run_dir, server, api):
+    repo = f"{USER}/samples-then-none"
+    hub.push_output_dir(run_dir, repo, push_samples=True)
+    assert set(server.repos[repo].head.files) >= DATASET_FILES
+    hub.push_output_dir(run_dir, repo, push_samples=False)
+    assert not DATASET_FILES & set(server.repos[repo].head.files)
+    deleted = {line["value"]["path"] for line in commit_lines(server) if line["key"] == "deletedFile"}
+    assert deleted == DATASET_FILES
+
+
+# --- tokens --------------------------------------------------------------------------------------------------------
+
+TOKEN_KINDS = {
+    "user": "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567",
+    "oauth": "hf_oauth_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123",
+    "jwt": "hf_jwt_" + "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ0ZXN0ZXIifQ.c2lnbmF0dXJlLWJ5dGVz",
+    "org": "api_org_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567",
+}
+
+
+@pytest.mark.parametrize("quoted", list(TOKEN_KINDS.values()), ids=list(TOKEN_KINDS))
+def test_every_token_kind_is_kept_out_of_pushes_cards_and_errors(run_dir, server, api, tmp_path, quoted):
+    leaky = tmp_path / "leaky"
+    leaky.mkdir()
+    (leaky / "adapter_config.json").write_bytes((run_dir / "adapter_config.json").read_bytes())
+    (leaky / "README.md").write_text(f"trained with `--hub_token={quoted}`\n")
+    with pytest.raises(ValueError, match="README.md contains a Hugging Face token") as raised:
+        hub.push_output_dir(leaky, f"{USER}/leaky")
+    assert quoted not in str(raised.value)
+    assert server.requests == []
+    assert redact_tokens(f"token: {quoted}.") == "token: [REDACTED]."
+    assert quoted not in hub._describe(RuntimeError(f"rejected {quoted}"), None)
+
+
+def test_a_mistyped_token_flag_is_not_echoed(run_dir, server, tmp_path):
+    base = ["--model_name_or_path", "m", "--dataset_dir", "d", "--output_dir", "o", "--do_train"]
+    for typo in (["--hub_tokn", OTHER_TOKEN], [f"--hub_tokn={OTHER_TOKEN}"]):
+        with pytest.raises(ValueError) as raised:
+            parse_args([*base, *typo])
+        assert str(raised.value).startswith(
+            "Unknown flag(s): --hub_tokn (did you mean --hub_token?) (values not shown)"
+        )
+        assert OTHER_TOKEN not in str(raised.value)
+    proc = run_cli(str(run_dir), "--hub_model_id", f"{USER}/x", "--hub_tokn", OTHER_TOKEN, server=server, home=tmp_path)
+    assert proc.returncode == 1
+    assert "push_to_hub.py: error: Unknown flag(s): --hub_tokn (did you mean --hub_token?)" in proc.stderr
+    assert OTHER_TOKEN not in proc.stdout + proc.stderr
+    assert server.requests == []

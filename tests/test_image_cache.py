@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import datasets
 import numpy as np
@@ -101,3 +106,58 @@ def test_real_size_photos_cache_the_upright_processed_pixels_in_parallel(photo_f
     expected = processor(images=originals, do_rescale=False, do_normalize=False, return_tensors="pt")
     expected = expected["pixel_values"].round().clamp(0, 255).to(torch.uint8)
     assert torch.equal(torch.stack([cache[i] for i in range(len(paths))]), expected)
+
+
+def _staging_folders(root) -> list[str]:
+    return sorted(path.name for path in root.iterdir() if ".tmp-" in path.name)
+
+
+def test_a_failed_build_leaves_no_staging_folder(image_split, tmp_path, monkeypatch):
+    processor = BlipImageProcessor(size={"height": 32, "width": 32})
+
+    def broken_fill(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("captioning.image_cache._fill", broken_fill)
+    with pytest.raises(OSError, match="No space left"):
+        build_image_cache(image_split, processor, root=tmp_path / "cache", num_workers=0, show_progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_stale_staging_folders_are_removed_at_the_next_build(image_split, tmp_path):
+    root = tmp_path / "cache"
+    host = socket.gethostname()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    day_ago = time.time() - 25 * 3600
+    folders = {
+        f"a.tmp-{host}-{finished.pid}": None,  # this machine, process gone: stale
+        f"b.tmp-{finished.pid}": None,  # the same, named the way older versions did
+        "c.tmp-elsewhere-1": day_ago,  # another machine's, untouched for a day: stale
+        f"d.tmp-{host}-{os.getpid()}": None,  # a live build of this machine
+        "e.tmp-elsewhere-1": None,  # another machine's, recently written: maybe live
+    }
+    for name, stamp in folders.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "pixels.uint8").write_bytes(b"\0")
+        if stamp is not None:
+            for path in (root / name / "pixels.uint8", root / name):
+                os.utime(path, (stamp, stamp))
+    processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    build_image_cache(image_split, processor, root=root, num_workers=0, show_progress=False)
+    assert _staging_folders(root) == [f"d.tmp-{host}-{os.getpid()}", "e.tmp-elsewhere-1"]
+
+
+@pytest.mark.parametrize(("free_factor", "fits"), [(1 / 0.85, False), (1 / 0.79, True)])
+def test_the_cache_leaves_a_fifth_of_the_free_disk(image_split, tmp_path, monkeypatch, free_factor, fits):
+    processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    needed = 5 * 3 * 32 * 32
+    usage = shutil._ntuple_diskusage(total=10 * needed, used=0, free=int(needed * free_factor))
+    monkeypatch.setattr("captioning.image_cache.shutil.disk_usage", lambda path: usage)
+    root = tmp_path / "cache"
+    if fits:
+        assert len(build_image_cache(image_split, processor, root=root, num_workers=0, show_progress=False)) == 5
+        return
+    with pytest.raises(OSError, match=r"needs 0\.0 GiB .* at least 20% of it free.*--image_cache_dir.*--preprocess"):
+        build_image_cache(image_split, processor, root=root, num_workers=0, show_progress=False)
+    assert list(root.iterdir()) == []

@@ -175,7 +175,7 @@ def test_unreadable_images_are_reported_and_skipped(full_run, colour_folder, tmp
     assert any("Captioned 2 images, skipped 4 unreadable" in record.getMessage() for record in caplog.records)
 
     # A later run without unreadable images removes the stale list.
-    caption_main([*argv, "--images", *readable])
+    caption_main([*argv, "--images", *readable, "--overwrite"])
     assert not skipped_path(output).exists()
 
 
@@ -212,7 +212,19 @@ def test_prompt_from_captioning_config_is_fed_to_generate_and_cut(adapter_run, c
     assert not caption.startswith("a picture of")
 
     calls.clear()
-    caption_main(["--model", str(adapter_run), "--images", str(image), "--output", str(output), "--caption_prompt", ""])
+    caption_main(
+        [
+            "--model",
+            str(adapter_run),
+            "--images",
+            str(image),
+            "--output",
+            str(output),
+            "--caption_prompt",
+            "",
+            "--overwrite",
+        ]
+    )
     assert calls[0][0] == [[bos, sep]]
 
 

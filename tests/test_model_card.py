@@ -26,6 +26,8 @@ from captioning.model_card import (
     format_duration,
     framework_versions,
     is_hub_id,
+    load_card_context,
+    publication_context,
     render_model_card,
     write_model_card,
 )
@@ -414,6 +416,48 @@ def test_no_token_in_the_card(adapter_run, tmp_path):
     assert FAKE_TOKEN not in text and not re.search(r"hf_[A-Za-z0-9]{20,}", text)
     assert "[REDACTED]" in text
     assert not re.search(r"hf_[A-Za-z0-9]{20,}", _text(adapter_run))
+
+
+def test_the_card_context_is_kept_for_a_later_push(adapter_run):
+    assert load_card_context(adapter_run.output) == adapter_run.context
+    assert adapter_run.context.data_paths == [str(adapter_run.data.resolve())]
+    assert load_card_context(adapter_run.output.parent) is None
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["no-samples", "samples"])
+def test_a_card_for_a_push_names_hub_ids_and_what_of_the_data_it_shares(adapter_run, shared):
+    files = {"predictions.jsonl": "the test predictions", "samples.png": "a gallery"} if shared else {}
+    context = publication_context(
+        adapter_run.context,
+        repo_id="someone/blip-stickers",
+        base_model_id=HUB_BASE,
+        shared_data_files=files,
+        shared_data_note="Because reasons.",
+    )
+    text = render_model_card(context, adapter_run.output)
+    local = _text(adapter_run)
+    code = _snippet(text)
+    assert 'MODEL_ID = "someone/blip-stickers"' in code and f'BASE_ID = "{HUB_BASE}"' in code
+    assert text.count("\n# blip-stickers\n") == 1 and ModelCard(text).data.base_model == HUB_BASE
+    folder = adapter_run.data.name  # the local dataset folder: named in the local card only
+    assert f"`{folder}` (local folder)" in local and folder not in text
+    assert "trained on unpublished data (local folder)" in text
+    assert "A local dataset folder; it is not published with this model." in text
+    section = _section(text, "### Dataset content in this repository")
+    assert "### Dataset content in this repository" not in local
+    if shared:
+        assert section.split("\n", 2)[2].strip() == (
+            "Besides the model, these files of this repository hold content of the training data:\n\n"
+            "- `predictions.jsonl`: the test predictions\n- `samples.png`: a gallery"
+        )
+        assert "### Example predictions (test split)" in text and "](samples.png)" in text
+    else:
+        assert section.split("\n", 2)[2].strip() == (
+            "None: no file derived from the training data (test images, captions, file names) is in this "
+            "repository. Because reasons."
+        )
+        assert "Example predictions" not in text and "samples.png" not in text
+    assert "### Example predictions (test split)" in local and "](samples.png)" in local
 
 
 def test_split_sizes_fall_back_on_the_result_files(adapter_run):

@@ -11,15 +11,16 @@ import sys
 import tarfile
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from captioning.arguments import DataArguments, to_argv
+from captioning.arguments import CaptioningTrainingArguments, DataArguments, parse_args, to_argv, validate_args
 from captioning.data import load_caption_splits
 from captioning.streaming import expand_and_decode, load_streaming_splits
-from run_captioning import main
+from run_captioning import load_data, main
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30)]
@@ -172,3 +173,48 @@ def test_shards_load_without_streaming_too(parquet_shards, webdataset_shards):
     )
     assert len(splits["train"]) + len(splits["validation"]) == 24
     assert splits["train"].features["image"].decode is False
+
+
+@pytest.fixture(scope="module")
+def shards_with_a_bad_head(tmp_path_factory) -> Path:
+    """Two parquet shards; the second image of the stream is a truncated JPEG, so it is held out for validation."""
+    folder = tmp_path_factory.mktemp("bad-head")
+    for shard in range(2):
+        images, captions = zip(*(_image(shard, i) for i in range(6)), strict=True)
+        images = list(images)
+        if shard == 0:
+            images[1] = images[1][: len(images[1]) // 3]
+        table = pa.table({"image": [{"bytes": b, "path": None} for b in images], "caption": list(captions)})
+        pq.write_table(table, folder / f"train-{shard:03d}.parquet")
+    return folder
+
+
+def test_in_memory_validation_images_are_scanned_like_any_split(shards_with_a_bad_head, tmp_path):
+    output = tmp_path / "out"
+    flags = _flags(output, str(shards_with_a_bad_head / "train-*.parquet"), model="unused", max_bad_fraction=0.3)
+    splits = load_data(parse_args(flags))
+    assert len(splits["validation"]) == 3 and "1" not in splits["validation"]["image_id"]  # image 1 left out
+    assert isinstance(splits["train"], datasets.IterableDataset)
+    report = json.loads((output / "data_report.json").read_text())["splits"]
+    assert report["validation"]["images_skipped"] == {"truncated": 1} and report["validation"]["images_total"] == 4
+    with pytest.raises(ValueError, match=r"validation split has 1 unusable image\(s\) out of 4.*--max_bad_fraction"):
+        load_data(parse_args(_flags(tmp_path / "strict", str(shards_with_a_bad_head / "train-*.parquet"), model="m")))
+
+
+def test_several_processes_refuse_epoch_strategies_before_anything_loads(tmp_path, monkeypatch):
+    def validate(**extra):
+        flags = _flags(tmp_path / "out", "shards/train-*.tar", model="m", **extra)
+        validate_args(*parse_args(flags))
+
+    validate(eval_strategy="epoch", save_strategy="epoch")  # one process: every process sees the whole stream
+    monkeypatch.setattr(CaptioningTrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(
+        ValueError,
+        match=r"--streaming with 2 processes cannot use --eval_strategy epoch and --save_strategy epoch .*"
+        r"end of its shards at a different step\. Pass --eval_strategy steps --eval_steps N and --save_strategy steps",
+    ):
+        validate(eval_strategy="epoch", save_strategy="epoch")
+    with pytest.raises(ValueError, match=r"cannot use --save_strategy epoch \("):
+        validate(eval_strategy="no", save_strategy="epoch")
+    validate(eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3)
+    validate(eval_strategy="no", save_strategy="no")

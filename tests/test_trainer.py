@@ -108,3 +108,42 @@ def test_a_missing_image_is_an_error():
     trainer = _bare_trainer()
     with pytest.raises(RuntimeError, match="no caption for 1 of 3 images"):
         trainer.captions_in_dataset_order(np.array([[5], [6]]), np.array([0, 2]), 3)
+
+
+def _linear_trainer(output_dir) -> CaptioningTrainer:
+    """A CaptioningTrainer around a plain module (saved as model.safetensors), enough to exercise save_model."""
+    from transformers import Seq2SeqTrainingArguments
+
+    return CaptioningTrainer(
+        model=torch.nn.Linear(2, 2),
+        args=Seq2SeqTrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True),
+        layout=CaptionLayout(kind="encoder_decoder", bos_id=None, eos_id=1, pad_id=0),
+        generation_kwargs={},
+        scorer=None,
+        run_id="run",
+    )
+
+
+def _top_files(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
+def test_a_crash_during_the_final_save_keeps_the_old_model_set(tmp_path, monkeypatch):
+    old = {"adapter_model.safetensors": b"old weights", "adapter_config.json": b"{}"}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    trainer = _linear_trainer(tmp_path)
+
+    def killed(*args, **kwargs):  # training_args.bin is written after the weights: the crash comes mid-save
+        raise OSError("killed")
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(OSError, match="killed"):
+        trainer.save_model()
+    assert _top_files(tmp_path) == old
+    assert (tmp_path / ".final-run" / "model.safetensors").is_file()  # the new set was being written aside
+
+    monkeypatch.undo()
+    trainer.save_model()
+    assert sorted(_top_files(tmp_path)) == ["model.safetensors", "training_args.bin"]  # the adapter set is gone
+    assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == []
