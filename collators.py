@@ -4,128 +4,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from captioning.families import BLIP_DECODER, DECODER_ONLY, ENCODER_DECODER, ModelFamily
+from captioning.families import ModelFamily
 from captioning.grouping import unique_images
+from captioning.layout import IGNORE_INDEX, CaptionLayout
 
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class CaptionLayout:
-    """Token ids that frame a caption for one family, and the sequences built from them.
-
-    ``blip_decoder``    input  [DEC] prompt caption [SEP]          labels  -100 -100.. caption [SEP]
-                        (``generate`` writes [DEC] at position 0 too; the tokenizer's [CLS] is never used)
-    ``decoder_only``    input  <image>*Q BOS prompt caption EOS    labels  -100 ....... caption EOS
-    ``encoder_decoder`` input  <image>*Q prompt EOS                labels  caption EOS
-    Padding goes to the right, with ``pad_id`` in the inputs and -100 in the labels.
-    """
-
-    kind: str
-    bos_id: int | None
-    eos_id: int
-    pad_id: int
-    prompt_ids: tuple[int, ...] = ()
-    image_token_id: int | None = None
-    num_image_tokens: int = 0
-    caption_prefix: str = ""  # text put before each caption so that it tokenizes as a continuation of the prompt
-
-    @property
-    def image_tokens(self) -> list[int]:
-        return [self.image_token_id] * self.num_image_tokens if self.num_image_tokens else []
-
-    def training_sequence(self, caption_ids: Sequence[int]) -> tuple[list[int], list[int]]:
-        """``(input_ids, labels)`` of one training row, before padding."""
-        caption = [*caption_ids, self.eos_id]
-        prompt = list(self.prompt_ids)
-        if self.kind == BLIP_DECODER:
-            prefix = [self.bos_id, *prompt]
-        elif self.kind == DECODER_ONLY:
-            prefix = [*self.image_tokens, self.bos_id, *prompt]
-        else:
-            return self.generation_prompt(), caption
-        return prefix + caption, [IGNORE_INDEX] * len(prefix) + caption
-
-    def generation_prompt(self) -> list[int]:
-        """``input_ids`` handed to ``generate``: the image placeholders and the prompt, never a caption."""
-        prompt = list(self.prompt_ids)
-        if self.kind == BLIP_DECODER:
-            # BLIP's generate drops the last position (the tokenizer's [SEP]) and writes [DEC] at position 0.
-            return [self.bos_id, *prompt, self.eos_id]
-        if self.kind == DECODER_ONLY:
-            return [*self.image_tokens, self.bos_id, *prompt]
-        return [*self.image_tokens, *prompt, self.eos_id]
-
-    @property
-    def generated_prefix_length(self) -> int:
-        """Positions at the start of ``generate``'s output that repeat the prompt (cut before decoding)."""
-        if self.kind == BLIP_DECODER:
-            return 1 + len(self.prompt_ids)
-        if self.kind == DECODER_ONLY:
-            return self.num_image_tokens + 1 + len(self.prompt_ids)
-        return 0
-
-    def decode(self, sequences, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """Captions from ``generate`` outputs (rows may be right-padded with -100 or the pad id)."""
-        captions = []
-        for row in sequences:
-            ids = [int(token) for token in list(row)[self.generated_prefix_length :] if int(token) >= 0]
-            captions.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-        return captions
+__all__ = ["IGNORE_INDEX", "CaptionCollator", "CaptionLayout", "build_layout"]
 
 
 def build_layout(
     family: ModelFamily, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, prompt: str = ""
 ) -> CaptionLayout:
-    """Read the framing token ids from the model config (the ids ``generate`` uses), not from the tokenizer."""
-    text = config.text_config
-    caption_prefix = ""
-    if prompt and _spaces_matter(tokenizer):
-        # Byte-level BPE (OPT): "a photo of" + " dog" tokenizes like running text; "a photo of " + "dog" would not.
-        prompt, caption_prefix = prompt.rstrip(), " "
-    prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else ()
-    if family.layout == BLIP_DECODER:
-        return CaptionLayout(
-            kind=BLIP_DECODER,
-            bos_id=text.bos_token_id,
-            eos_id=text.sep_token_id,
-            pad_id=text.pad_token_id,
-            prompt_ids=prompt_ids,
-            caption_prefix=caption_prefix,
-        )
-    image_token_id = getattr(config, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = getattr(config, "image_token_index", None)
-    if image_token_id is None:
-        raise ValueError(
-            "--model_name_or_path: this BLIP-2 checkpoint has no image_token_index in its config (it predates "
-            "transformers' image-token layout); use a current revision of the checkpoint."
-        )
-    common = dict(
-        eos_id=text.eos_token_id,
-        pad_id=text.pad_token_id,
-        prompt_ids=prompt_ids,
-        image_token_id=image_token_id,
-        num_image_tokens=config.num_query_tokens,
-        caption_prefix=caption_prefix,
-    )
-    if family.layout == DECODER_ONLY:
-        return CaptionLayout(kind=DECODER_ONLY, bos_id=text.bos_token_id, **common)
-    if family.layout == ENCODER_DECODER:
-        return CaptionLayout(kind=ENCODER_DECODER, bos_id=None, **common)
-    raise ValueError(f"unknown layout {family.layout!r}")
-
-
-def _spaces_matter(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """True when a leading space changes the tokens (byte-level BPE), False for WordPiece and SentencePiece."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    spaced = tokenizer(" a", add_special_tokens=False)["input_ids"]
-    return plain != spaced
+    """The family's caption layout for this checkpoint (captioning/layout.py shows each kind's sequences)."""
+    return family.build_layout(config, tokenizer, prompt)
 
 
 class CaptionCollator:
@@ -172,10 +66,7 @@ class CaptionCollator:
         caption_ids = self.tokenizer(
             captions, add_special_tokens=False, truncation=True, max_length=self.max_caption_length
         )["input_ids"]
-        inputs, labels = zip(*(self.layout.training_sequence(ids) for ids in caption_ids), strict=True)
-        input_ids, attention_mask = _pad(inputs, self.layout.pad_id)
-        label_ids, _ = _pad(labels, IGNORE_INDEX)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+        batch = self._pad_rows([self.layout.training_row(ids) for ids in caption_ids])
         if self.group_images:
             first_rows, batch["image_group"] = unique_images([row["image_index"] for row in rows])
             batch["pixel_values"] = self.pixel_values([rows[i] for i in first_rows])
@@ -184,13 +75,25 @@ class CaptionCollator:
         return batch
 
     def collate_generation(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prompt = torch.tensor([self.layout.generation_prompt()] * len(rows), dtype=torch.long)
+        prompt = {
+            key: torch.tensor([ids] * len(rows), dtype=torch.long) for key, ids in self.layout.generation_row().items()
+        }
         return {
             "pixel_values": self.pixel_values(rows),
-            "input_ids": prompt,
-            "attention_mask": torch.ones_like(prompt),
+            **prompt,
             "image_index": torch.tensor([row["image_index"] for row in rows], dtype=torch.long),
         }
+
+    def _pad_rows(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-pad every token-level input to the batch's longest row; ``attention_mask`` marks the real tokens
+        of ``input_ids``."""
+        values = self.layout.padding_values()
+        batch = {}
+        for key in rows[0]:
+            batch[key], mask = _pad([row[key] for row in rows], values.get(key, 0))
+            if key == "input_ids":
+                batch["attention_mask"] = mask
+        return batch
 
 
 def _pad(sequences: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

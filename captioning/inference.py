@@ -27,9 +27,10 @@ from transformers.utils import cached_file
 from captioning.arguments import CaptioningArguments
 from captioning.families import ModelFamily, detect_family
 from captioning.images import load_image
+from captioning.layout import CaptionLayout
 from captioning.outputs import CAPTIONING_CONFIG, write_captioning_config
 from captioning.trainer import build_generation_kwargs
-from collators import CaptionCollator, CaptionLayout, build_layout
+from collators import CaptionCollator, build_layout
 
 logger = logging.getLogger(__name__)
 

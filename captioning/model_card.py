@@ -49,7 +49,6 @@ METRIC_NAMES = {
     "cider": "CIDEr-D",
     "loss": "Loss",
 }
-FAMILY_LABELS = {"blip": "BLIP", "blip2-opt": "BLIP-2 (OPT)", "blip2-t5": "BLIP-2 (Flan-T5)"}
 _VERSIONED_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "huggingface_hub", "pycocoevalcap")
 _HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -153,6 +152,7 @@ class CardContext:
     family: str
     family_label: str
     model_class: str
+    usage_input_ids: str  # the family's snippet lines that build `input_ids` and `skip` (captioning/families/)
     adapter: bool
     lora: LoraSettings | None
     quantization: str  # "none", "8-bit" or "4-bit NF4"
@@ -247,8 +247,9 @@ def build_card_context(
         base_model=base_model,
         base_model_on_hub=is_hub_id(base_model),
         family=family.name,
-        family_label=FAMILY_LABELS.get(family.name, family.name),
+        family_label=family.label,
         model_class=family.model_class.__name__,
+        usage_input_ids=family.snippet,
         adapter=adapter,
         lora=_lora_settings(lora_args, lora_target_modules, files["adapter_config"]) if adapter else None,
         quantization="8-bit" if lora_args.load_in_8bit else "4-bit NF4" if lora_args.load_in_4bit else "none",

@@ -21,11 +21,11 @@ from transformers.trainer_utils import EvalLoopOutput, seed_worker
 from captioning.checkpoints import rotate_run_checkpoints
 from captioning.data import CaptionImages, CaptionPairs
 from captioning.distributed import run_on_main
-from captioning.families import ENCODER_DECODER, ModelFamily
+from captioning.families import ModelFamily
 from captioning.grouping import ImageGroupedBatchSampler, expand_image_features
+from captioning.layout import IGNORE_INDEX, CaptionLayout
 from captioning.outputs import write_json, write_text_atomic
 from captioning.run_dir import new_run_id, staging_dir, swap_in_final_model
-from collators import IGNORE_INDEX, CaptionLayout
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         with torch.no_grad(), self.compute_loss_context_manager(), grouping:
             logits = model(**inputs).logits
         labels = inputs["labels"]
-        if self.layout.kind != ENCODER_DECODER:  # next-token prediction: position t predicts token t + 1
+        if self.layout.predicts_next_token:  # position t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"

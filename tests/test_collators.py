@@ -152,8 +152,8 @@ def test_loss_ignores_padding_and_prompt(tiny_models, family):
         output = model(**batch)
     labels = batch["labels"]
     logits = output.logits
-    if fam.layout != "encoder_decoder":
-        logits, labels = logits[:, :-1], labels[:, 1:]  # next-token prediction
+    if fam.name != "blip2-t5":  # one sequence: position t predicts token t + 1 (T5 decodes its own targets)
+        logits, labels = logits[:, :-1], labels[:, 1:]
     manual = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
@@ -181,3 +181,29 @@ def test_blip_training_starts_with_the_token_generate_starts_with(tiny_blip):
     )
     training = collator(ROWS[:1])
     assert generated[0, 0].item() == training["input_ids"][0, 0].item() == config.text_config.bos_token_id
+
+
+def test_blip2_opt_training_continues_exactly_the_prompt_generate_starts_from(tiny_blip2_opt):
+    """Decoder-only: generate continues [image tokens, BOS, prompt]; the training row starts with the same ids, so
+    the first caption token is learnt from the position generate predicts it from."""
+    processor, config, fam, layout, collator = _setup(tiny_blip2_opt, prompt="a photo of ")
+    model = fam.model_class.from_pretrained(tiny_blip2_opt).eval()
+    generation = collator([{"image": IMAGES[0], "image_index": 0}])
+    generated = model.generate(**{k: v for k, v in generation.items() if k != "image_index"}, max_new_tokens=2)
+    prompt = generation["input_ids"][0].tolist()
+    training = collator(ROWS[:1])["input_ids"][0].tolist()
+    assert training[: len(prompt)] == prompt == generated[0, : len(prompt)].tolist()
+    assert layout.generated_prefix_length == len(prompt)
+
+
+def test_blip2_t5_decoder_starts_training_with_the_token_generate_starts_with(tiny_blip2_t5):
+    """Encoder-decoder: T5 shifts the labels right behind decoder_start_token_id; generate starts there too."""
+    processor, config, fam, _, collator = _setup(tiny_blip2_t5)
+    model = fam.model_class.from_pretrained(tiny_blip2_t5).eval()
+    generation = collator([{"image": IMAGES[0], "image_index": 0}])
+    generated = model.generate(**{k: v for k, v in generation.items() if k != "image_index"}, max_new_tokens=2)
+    labels = collator(ROWS[:1])["labels"]
+    decoder_inputs = model.language_model._shift_right(labels)
+    start = config.text_config.decoder_start_token_id
+    assert decoder_inputs[0, 0].item() == generated[0, 0].item() == start
+    assert decoder_inputs[0, 1:].tolist() == labels[0, :-1].tolist()  # then the caption, one position late

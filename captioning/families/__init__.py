@@ -1,0 +1,27 @@
+"""The model families this tool fine-tunes, one module each (``blip``, ``blip2``, ...), each declaring its
+``ModelFamily`` (``base``): detection, model class, caption layout, LoRA targets, image-feature boundary, generation
+defaults and model-card snippet. Adding a family means adding its module and listing it in ``FAMILIES``."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from captioning.families.base import ModelFamily
+from captioning.families.blip import BLIP
+from captioning.families.blip2 import BLIP2_OPT, BLIP2_T5
+
+FAMILIES: tuple[ModelFamily, ...] = (BLIP, BLIP2_OPT, BLIP2_T5)
+
+__all__ = ["BLIP", "BLIP2_OPT", "BLIP2_T5", "FAMILIES", "ModelFamily", "detect_family"]
+
+
+def detect_family(config: PretrainedConfig) -> ModelFamily:
+    """Pick the family from a checkpoint's config; unsupported architectures get an error that lists what works."""
+    for family in FAMILIES:
+        if family.detect(config):
+            return family
+    supported = "; ".join(f"{family.label} ({family.examples})" for family in FAMILIES)
+    raise ValueError(
+        f"--model_name_or_path: model type {getattr(config, 'model_type', None)!r} is not a captioner this tool "
+        f"fine-tunes; use one of: {supported}."
+    )

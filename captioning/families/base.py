@@ -1,0 +1,34 @@
+"""What a model family declares, in one place: the ``ModelFamily`` record every module of this package fills in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from captioning.layout import CaptionLayout
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One captioner family: how it is detected and loaded, how captions are laid out, and its defaults."""
+
+    name: str
+    label: str  # how the model card names it
+    examples: str  # the checkpoints it covers, for error messages
+    model_class: type[PreTrainedModel]
+    detect: Callable[[PretrainedConfig], bool]  # True for a config of this family (may raise for a near miss)
+    # (config, tokenizer, prompt) -> the token layout of training rows and generation prompts (captioning/layout.py)
+    build_layout: Callable[[PretrainedConfig, PreTrainedTokenizerBase, str], CaptionLayout]
+    lora_target_modules: tuple[str, ...]  # default LoRA targets (name suffixes), searched in language_prefix only
+    language_prefix: str  # module-name prefix of the text side
+    vision_prefix: str  # module-name prefix of the vision tower
+    vision_lora_target_modules: tuple[str, ...]  # attention layers adapted by --lora_vision
+    image_feature_module: str  # where the image side ends; its output is shared by the captions of an image
+    num_beams: int  # generation defaults, after the family's reference caption recipes
+    max_new_tokens: int
+    min_new_tokens: int
+    # The model card's usage snippet, the lines that build `input_ids` for one image from `config`, `prompt_ids` and
+    # set `skip` (the generated positions that repeat the input).
+    snippet: str

@@ -1,0 +1,124 @@
+"""How a caption is laid out around the image and the prompt, as token ids: one ``CaptionLayout`` per family kind.
+
+A family module (``captioning/families/``) builds its layout from the checkpoint's config and tokenizer; the
+generic collator (``collators.py``) asks the layout for each training row and each generation prompt, and the
+trainer for how labels line up with logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+BLIP_DECODER = "blip_decoder"  # BERT-style text decoder; [DEC] at position 0, [SEP] ends the caption
+DECODER_ONLY = "decoder_only"  # BLIP-2 + OPT: query-token placeholders, BOS, prompt, caption, EOS in one sequence
+ENCODER_DECODER = (
+    "encoder_decoder"  # BLIP-2 + Flan-T5: placeholders and prompt go to the encoder, caption is the target
+)
+
+
+@dataclass(frozen=True)
+class CaptionLayout:
+    """Token ids that frame a caption for one family, and the sequences built from them.
+
+    ``blip_decoder``    input  [DEC] prompt caption [SEP]          labels  -100 -100.. caption [SEP]
+                        (``generate`` writes [DEC] at position 0 too; the tokenizer's [CLS] is never used)
+    ``decoder_only``    input  <image>*Q BOS prompt caption EOS    labels  -100 ....... caption EOS
+    ``encoder_decoder`` input  <image>*Q prompt EOS                labels  caption EOS
+    Padding goes to the right, with ``pad_id`` in the inputs and -100 in the labels. A family whose rows carry
+    more (e.g. ``token_type_ids``) subclasses this and overrides ``training_row`` / ``generation_row`` /
+    ``padding_values``.
+    """
+
+    kind: str
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    prompt_ids: tuple[int, ...] = ()
+    image_token_id: int | None = None
+    num_image_tokens: int = 0
+    caption_prefix: str = ""  # text put before each caption so that it tokenizes as a continuation of the prompt
+
+    @property
+    def image_tokens(self) -> list[int]:
+        return [self.image_token_id] * self.num_image_tokens if self.num_image_tokens else []
+
+    @property
+    def predicts_next_token(self) -> bool:
+        """True when position t of the logits predicts label t + 1 (one sequence); False when the labels are the
+        decoder's own targets, aligned with the logits (encoder-decoder)."""
+        return self.kind != ENCODER_DECODER
+
+    def training_sequence(self, caption_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one training row, before padding."""
+        caption = [*caption_ids, self.eos_id]
+        prompt = list(self.prompt_ids)
+        if self.kind == BLIP_DECODER:
+            prefix = [self.bos_id, *prompt]
+        elif self.kind == DECODER_ONLY:
+            prefix = [*self.image_tokens, self.bos_id, *prompt]
+        else:
+            return self.generation_prompt(), caption
+        return prefix + caption, [IGNORE_INDEX] * len(prefix) + caption
+
+    def training_row(self, caption_ids: Sequence[int]) -> dict[str, list[int]]:
+        """Every token-level input of one training row, before padding (``attention_mask`` is added by padding)."""
+        input_ids, labels = self.training_sequence(caption_ids)
+        return {"input_ids": input_ids, "labels": labels}
+
+    def generation_prompt(self) -> list[int]:
+        """``input_ids`` handed to ``generate``: the image placeholders and the prompt, never a caption."""
+        prompt = list(self.prompt_ids)
+        if self.kind == BLIP_DECODER:
+            # BLIP's generate drops the last position (the tokenizer's [SEP]) and writes [DEC] at position 0.
+            return [self.bos_id, *prompt, self.eos_id]
+        if self.kind == DECODER_ONLY:
+            return [*self.image_tokens, self.bos_id, *prompt]
+        return [*self.image_tokens, *prompt, self.eos_id]
+
+    def generation_row(self) -> dict[str, list[int]]:
+        """Every token-level input ``generate`` gets for one image (the same for every image)."""
+        prompt = self.generation_prompt()
+        return {"input_ids": prompt, "attention_mask": [1] * len(prompt)}
+
+    def padding_values(self) -> dict[str, int]:
+        """The value each token-level input is right-padded with (inputs not named here: 0)."""
+        return {"input_ids": self.pad_id, "labels": IGNORE_INDEX}
+
+    @property
+    def generated_prefix_length(self) -> int:
+        """Positions at the start of ``generate``'s output that repeat the prompt (cut before decoding)."""
+        if self.kind == BLIP_DECODER:
+            return 1 + len(self.prompt_ids)
+        if self.kind == DECODER_ONLY:
+            return self.num_image_tokens + 1 + len(self.prompt_ids)
+        return 0
+
+    def decode(self, sequences, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Captions from ``generate`` outputs (rows may be right-padded with -100 or the pad id)."""
+        captions = []
+        for row in sequences:
+            ids = [int(token) for token in list(row)[self.generated_prefix_length :] if int(token) >= 0]
+            captions.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return captions
+
+
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[tuple[int, ...], str]:
+    """``(prompt ids, caption prefix)``: with byte-level BPE (OPT) "a photo of" + " dog" tokenizes like running
+    text while "a photo of " + "dog" would not, so the prompt loses its trailing space and captions gain one."""
+    caption_prefix = ""
+    if prompt and spaces_matter(tokenizer):
+        prompt, caption_prefix = prompt.rstrip(), " "
+    prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else ()
+    return prompt_ids, caption_prefix
+
+
+def spaces_matter(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True when a leading space changes the tokens (byte-level BPE), False for WordPiece and SentencePiece."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    spaced = tokenizer(" a", add_special_tokens=False)["input_ids"]
+    return plain != spaced
