@@ -15,11 +15,13 @@ from captioning.layout import IGNORE_INDEX, CaptionLayout
 __all__ = ["IGNORE_INDEX", "CaptionCollator", "CaptionLayout", "build_layout"]
 
 
-def build_layout(
-    family: ModelFamily, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, prompt: str = ""
-) -> CaptionLayout:
-    """The family's caption layout for this checkpoint (captioning/layout.py shows each kind's sequences)."""
-    return family.build_layout(config, tokenizer, prompt)
+def build_layout(family: ModelFamily, config: PretrainedConfig, processor, prompt: str | None = None) -> CaptionLayout:
+    """The family's caption layout for this checkpoint (captioning/layout.py shows each kind's sequences).
+
+    ``processor`` is the checkpoint's processor; its tokenizer alone does for families that build their layout
+    from the tokenizer (``layout_from_processor`` False). ``prompt`` None is the family's default prompt."""
+    tokenizer: PreTrainedTokenizerBase = getattr(processor, "tokenizer", processor)
+    return family.build_layout(config, processor if family.layout_from_processor else tokenizer, family.prompt(prompt))
 
 
 class CaptionCollator:

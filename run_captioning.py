@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Fine-tune a BLIP or BLIP-2 captioner on your images and captions (LoRA by default), evaluate it with the COCO
-caption metrics, and write an adapter or model that loads with transformers/peft.
+"""Fine-tune a captioner (BLIP, BLIP-2, Florence-2, PaliGemma) on your images and captions (LoRA by default),
+evaluate it with the COCO caption metrics, and write an adapter or model that loads with transformers/peft.
 
     accelerate launch run_captioning.py --config configs/blip_base_lora.yaml --dataset_dir data/flickr8k
     python run_captioning.py --help
@@ -195,7 +195,8 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
     model = load_model(args.model, args.lora, plan.config, family)
     apply_label_smoothing(model, family, training.label_smoothing_factor)
     training.label_smoothing_factor = 0.0  # applied inside BLIP's loss, where the logits are aligned
-    layout = build_layout(family, model.config, processor.tokenizer, args.data.caption_prompt)
+    caption_prompt = family.prompt(args.data.caption_prompt)  # --caption_prompt, else the family's default
+    layout = build_layout(family, model.config, processor, caption_prompt)
     group_images = training.captions_per_image_in_batch > 1 and vision_tower_frozen(model, family)
     if group_images:
         logger.info(
@@ -225,7 +226,7 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
             training.output_dir,
             family=family.name,
             base_model=base_model_path(args.model),
-            caption_prompt=args.data.caption_prompt,
+            caption_prompt=caption_prompt,
             generation_kwargs=trainer.generation_kwargs,
             max_caption_length=args.data.max_caption_length,
         )

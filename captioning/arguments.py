@@ -26,7 +26,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Hub id or local folder of a BLIP or BLIP-2 captioner, e.g. Salesforce/blip-image-captioning-base, "
-            "Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl. Required."
+            "Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl, or florence-community/Florence-2-base. Required."
         },
     )
     processor_name_or_path: str | None = field(
@@ -185,11 +185,13 @@ class DataArguments:
     max_caption_length: int = field(
         default=64, metadata={"help": "Caption tokens kept per training row (prompt and special tokens not counted)."}
     )
-    caption_prompt: str = field(
-        default="",
+    caption_prompt: str | None = field(
+        default=None,
         metadata={
             "help": 'Text put before every caption, e.g. "a picture of " (BLIP) or "a photo of " (BLIP-2). It is '
-            "masked out of the loss, fed to generate, and stripped from generated captions."
+            "masked out of the loss, fed to generate, and stripped from generated captions. Florence-2 takes a task "
+            "token instead, read by its encoder: <CAPTION>, <DETAILED_CAPTION> or <MORE_DETAILED_CAPTION>. Default: "
+            "the family's (none for BLIP and BLIP-2, <CAPTION> for Florence-2)."
         },
     )
 
@@ -209,7 +211,8 @@ class LoraArguments:
         metadata={
             "help": "Linear layers to adapt, by name or name suffix (query value, q_proj v_proj, ...), or "
             "all-linear. Default per family: BLIP text decoder query/value; BLIP-2 language-model attention "
-            "projections. Names may also be comma-separated."
+            "projections; Florence-2 BART attention and MLP (q/k/v/out_proj, fc1, fc2). Names may also be "
+            "comma-separated."
         },
     )
     lora_vision: bool = field(
@@ -231,13 +234,16 @@ class CaptioningArguments:
     """How captions are generated and scored."""
 
     num_beams: int | None = field(
-        default=None, metadata={"help": "Beams for generation (default per family: BLIP 3, BLIP-2 5, as in LAVIS)."}
+        default=None,
+        metadata={"help": "Beams for generation (default per family: BLIP 3, BLIP-2 5, as in LAVIS; Florence-2 3)."},
     )
     max_new_tokens: int | None = field(
-        default=None, metadata={"help": "Longest generated caption in tokens (default: BLIP 20, BLIP-2 30)."}
+        default=None,
+        metadata={"help": "Longest generated caption in tokens (default: BLIP 20, BLIP-2 30, Florence-2 30)."},
     )
     min_new_tokens: int | None = field(
-        default=None, metadata={"help": "Shortest generated caption in tokens (default: BLIP 5, BLIP-2 8)."}
+        default=None,
+        metadata={"help": "Shortest generated caption in tokens (default: BLIP 5, BLIP-2 8, Florence-2 0)."},
     )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Generation repetition penalty (LAVIS: 1.15)."})
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeating n-grams of this size (0: off)."})

@@ -25,11 +25,11 @@ from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 from transformers.utils import cached_file
 
 from captioning.arguments import CaptioningArguments
-from captioning.families import ModelFamily, detect_family
+from captioning.families import ModelFamily, check_config_json, detect_family
 from captioning.images import load_image
 from captioning.layout import CaptionLayout
 from captioning.outputs import CAPTIONING_CONFIG, write_captioning_config
-from captioning.trainer import build_generation_kwargs
+from captioning.trainer import build_generation_kwargs, generation_inputs
 from collators import CaptionCollator, build_layout
 
 logger = logging.getLogger(__name__)
@@ -173,12 +173,9 @@ class Captioner:
         """Captions for a ``CaptionCollator.collate_generation`` batch (pixel values + prompt), decoded."""
         kwargs = self.generation_settings(**overrides)
         with torch.inference_mode():
-            sequences = self.model.generate(
-                pixel_values=batch["pixel_values"].to(self.device, dtype=self.model.dtype),
-                input_ids=batch["input_ids"].to(self.device),
-                attention_mask=batch["attention_mask"].to(self.device),
-                **kwargs,
-            )
+            inputs = {key: value.to(self.device) for key, value in generation_inputs(batch).items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            sequences = self.model.generate(**inputs, **kwargs)
         return self.layout.decode(sequences.cpu(), self.processor.tokenizer)
 
     def generation_settings(self, **overrides) -> dict:
@@ -210,7 +207,7 @@ def load_captioner(
     """Load a run's output_dir (adapter or full model), a merged model or a Hub checkpoint, ready to caption.
 
     ``merge`` folds a LoRA adapter into the base weights (faster generation, same captions). The prompt and
-    generation settings come from the folder's captioning_config.json, else the family's defaults (no prompt);
+    generation settings come from the folder's captioning_config.json, else the family's defaults;
     ``caption_prompt`` replaces the prompt (``""`` for none).
     """
     source = resolve_model_source(model_path, base_model)
@@ -239,13 +236,13 @@ def build_captioner(
             family.name,
             family.name,
         )
-    prompt = settings.get("caption_prompt", "") if caption_prompt is None else caption_prompt
+    prompt = family.prompt(settings.get("caption_prompt") if caption_prompt is None else caption_prompt)
     generation = {**default_generation_kwargs(family), **settings.get("generation", {})}
     return Captioner(
         model=model,
         processor=processor,
         family=family,
-        layout=build_layout(family, model.config, processor.tokenizer, prompt),
+        layout=build_layout(family, model.config, processor, prompt),
         caption_prompt=prompt,
         generation_kwargs=generation,
         max_caption_length=settings.get("max_caption_length", DEFAULT_MAX_CAPTION_LENGTH),
@@ -259,6 +256,12 @@ def default_generation_kwargs(family: ModelFamily) -> dict:
 
 def load_config(source: ModelSource):
     """The model's config (the base's, for an adapter); a base that cannot be found gets a --base_model hint."""
+    path = source.base_model if source.is_adapter else source.path
+    try:
+        raw = _read_json(_find(path, MODEL_CONFIG)) or {}
+    except (OSError, ValueError):  # AutoConfig below says why
+        raw = {}
+    check_config_json(raw, path)  # a checkpoint that needs remote code: an error naming the native one
     if not source.is_adapter:
         return AutoConfig.from_pretrained(source.path)
     try:

@@ -165,6 +165,7 @@ class CardContext:
     hardware: str
     versions: dict[str, str]
     metrics: list[MetricRow]
+    usage_generate_kwargs: str = ""  # more keyword arguments of the snippet's generate call (the family's)
     eval_results: dict[str, float] = field(default_factory=dict)  # eval_results.json
     test_results: dict[str, float] = field(default_factory=dict)  # predict_results.json
     baseline_results: dict[str, float] = field(default_factory=dict)  # baseline_results.json
@@ -250,10 +251,11 @@ def build_card_context(
         family_label=family.label,
         model_class=family.model_class.__name__,
         usage_input_ids=family.snippet,
+        usage_generate_kwargs=family.snippet_generate_kwargs,
         adapter=adapter,
         lora=_lora_settings(lora_args, lora_target_modules, files["adapter_config"]) if adapter else None,
         quantization="8-bit" if lora_args.load_in_8bit else "4-bit NF4" if lora_args.load_in_4bit else "none",
-        caption_prompt=data_args.caption_prompt or "",
+        caption_prompt=family.prompt(data_args.caption_prompt),
         generation=_ordered_generation(
             captioning_config.get("generation") or _generation_from_args(caption_args, family)
         ),
@@ -603,7 +605,7 @@ def _cpu_model() -> str | None:
 
 def build_card_data(context: CardContext) -> ModelCardData:
     """The YAML front matter: Hub metadata and a ``model-index`` equal to the run's result files."""
-    family_tag = "blip" if context.family == "blip" else "blip-2"
+    family_tag = context.family_label.split(" (")[0].lower()  # "blip", "blip-2", "paligemma", ...
     tags = ["image-captioning", family_tag, "vision"]
     if context.adapter:
         tags += ["lora", "peft"]

@@ -12,9 +12,10 @@ import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+from transformers.utils import cached_file
 
 from captioning.arguments import LoraArguments, ModelArguments, split_comma_list
-from captioning.families import ModelFamily
+from captioning.families import ModelFamily, check_config_json
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,38 @@ def base_model_path(model_args: ModelArguments) -> str:
 
 
 def load_config(model_args: ModelArguments):
+    """The checkpoint's config; its config.json is first shown to the families as JSON (a checkpoint that needs
+    remote code gets an error naming the native one, not AutoConfig's list of model types)."""
+    path = base_model_path(model_args)
+    check_config_json(read_config_json(path, model_args) or {}, path)
     return AutoConfig.from_pretrained(
-        base_model_path(model_args),
+        path,
         revision=model_args.revision,
         cache_dir=model_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
     )
+
+
+def read_config_json(path: str, model_args: ModelArguments) -> dict | None:
+    """config.json of a local folder or a Hub checkpoint (cached or downloadable) as a dict; None when it cannot be
+    read (AutoConfig then says why)."""
+    try:
+        found = (
+            Path(path) / "config.json"
+            if Path(path).is_dir()
+            else cached_file(
+                path,
+                "config.json",
+                revision=model_args.revision,
+                cache_dir=model_args.cache_dir,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                _raise_exceptions_for_gated_repo=False,
+            )
+        )
+        return json.loads(Path(found).read_text(encoding="utf-8")) if found else None
+    except (OSError, ValueError):  # no such file, not a valid repo id, not JSON
+        return None
 
 
 def check_adapter_args(model_args: ModelArguments, lora_args: LoraArguments) -> None:

@@ -46,6 +46,16 @@ def build_generation_kwargs(caption_args, family: ModelFamily) -> dict:
     }
 
 
+# Batch keys that are the trainer's bookkeeping, not model inputs (captioning/grouping.py, the evaluation order).
+NOT_MODEL_INPUTS = ("labels", "image_index", "image_group")
+
+
+def generation_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``generate`` gets from a generation batch: pixel values and every token-level input of the layout's
+    generation row (``input_ids``, ``attention_mask``, and e.g. PaliGemma's ``token_type_ids``)."""
+    return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+
+
 class CaptioningTrainer(Seq2SeqTrainer):
     """Evaluation datasets are per-image (``CaptionImages``): one generation per image, scored against all of its
     references, plus the teacher-forced loss over all of its (image, caption) pairs.
@@ -225,12 +235,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         kwargs = dict(self.generation_kwargs)
         kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
         with torch.no_grad(), self.accelerator.autocast():
-            return self.model.generate(
-                pixel_values=inputs["pixel_values"],
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                **kwargs,
-            )
+            return self.model.generate(**generation_inputs(inputs), **kwargs)
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"

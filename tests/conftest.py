@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from captioning.arguments import to_argv
+from captioning.tiny_florence2 import build_tiny_florence2
 from captioning.tiny_models import build_tiny_blip, build_tiny_blip2_opt, build_tiny_blip2_t5
+from captioning.tiny_paligemma import build_tiny_paligemma
 from tests.photos import write_photo_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,8 +46,25 @@ def tiny_blip2_t5(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tiny_blip, tiny_blip2_opt, tiny_blip2_t5) -> dict[str, Path]:
-    return {"blip": tiny_blip, "blip2-opt": tiny_blip2_opt, "blip2-t5": tiny_blip2_t5}
+def tiny_florence2(tmp_path_factory) -> Path:
+    return build_tiny_florence2(tmp_path_factory.mktemp("tiny-florence2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_paligemma(tmp_path_factory) -> Path:
+    """A tiny PaliGemma 2 (Gemma 2 text model; 16 image tokens of 32x32 images)."""
+    return build_tiny_paligemma(tmp_path_factory.mktemp("tiny-paligemma"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_blip, tiny_blip2_opt, tiny_blip2_t5, tiny_florence2, tiny_paligemma) -> dict[str, Path]:
+    return {
+        "blip": tiny_blip,
+        "blip2-opt": tiny_blip2_opt,
+        "blip2-t5": tiny_blip2_t5,
+        "florence2": tiny_florence2,
+        "paligemma": tiny_paligemma,
+    }
 
 
 def make_caption_folder(root: Path, num_images: int = 12, captions_per_image: int = 3) -> Path:

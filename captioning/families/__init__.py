@@ -9,10 +9,22 @@ from transformers import PretrainedConfig
 from captioning.families.base import ModelFamily
 from captioning.families.blip import BLIP
 from captioning.families.blip2 import BLIP2_OPT, BLIP2_T5
+from captioning.families.florence2 import FLORENCE2
+from captioning.families.paligemma import PALIGEMMA
 
-FAMILIES: tuple[ModelFamily, ...] = (BLIP, BLIP2_OPT, BLIP2_T5)
+FAMILIES: tuple[ModelFamily, ...] = (BLIP, BLIP2_OPT, BLIP2_T5, FLORENCE2, PALIGEMMA)
 
-__all__ = ["BLIP", "BLIP2_OPT", "BLIP2_T5", "FAMILIES", "ModelFamily", "detect_family"]
+__all__ = [
+    "BLIP",
+    "BLIP2_OPT",
+    "BLIP2_T5",
+    "FAMILIES",
+    "FLORENCE2",
+    "ModelFamily",
+    "PALIGEMMA",
+    "check_config_json",
+    "detect_family",
+]
 
 
 def detect_family(config: PretrainedConfig) -> ModelFamily:
@@ -25,3 +37,10 @@ def detect_family(config: PretrainedConfig) -> ModelFamily:
         f"--model_name_or_path: model type {getattr(config, 'model_type', None)!r} is not a captioner this tool "
         f"fine-tunes; use one of: {supported}."
     )
+
+
+def check_config_json(config: dict, source: str = "") -> None:
+    """Let each family refuse a config.json (as a dict) it recognises but cannot load, before AutoConfig reads it."""
+    for family in FAMILIES:
+        if family.check_config_json is not None:
+            family.check_config_json(config, source)

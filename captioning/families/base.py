@@ -19,7 +19,8 @@ class ModelFamily:
     examples: str  # the checkpoints it covers, for error messages
     model_class: type[PreTrainedModel]
     detect: Callable[[PretrainedConfig], bool]  # True for a config of this family (may raise for a near miss)
-    # (config, tokenizer, prompt) -> the token layout of training rows and generation prompts (captioning/layout.py)
+    # (config, tokenizer, prompt) -> the token layout of training rows and generation prompts (captioning/layout.py);
+    # the whole processor in place of the tokenizer when layout_from_processor is set
     build_layout: Callable[[PretrainedConfig, PreTrainedTokenizerBase, str], CaptionLayout]
     lora_target_modules: tuple[str, ...]  # default LoRA targets (name suffixes), searched in language_prefix only
     language_prefix: str  # module-name prefix of the text side
@@ -32,3 +33,15 @@ class ModelFamily:
     # The model card's usage snippet, the lines that build `input_ids` for one image from `config`, `prompt_ids` and
     # set `skip` (the generated positions that repeat the input).
     snippet: str
+    default_prompt: str = ""  # the caption prompt when --caption_prompt is not given
+    # True: build_layout gets the checkpoint's whole processor (image-token count, task prompts), not its tokenizer.
+    layout_from_processor: bool = False
+    # (config.json as a dict, model path) -> raises for a checkpoint that looks like this family but cannot be loaded
+    # (read before AutoConfig, which may fail on it first with a less helpful message).
+    check_config_json: Callable[[dict, str], None] | None = None
+    # More keyword arguments of the snippet's `generate` call, as Python (e.g. PaliGemma's token_type_ids).
+    snippet_generate_kwargs: str = ""
+
+    def prompt(self, caption_prompt: str | None) -> str:
+        """The caption prompt of a run: ``--caption_prompt`` if given, else the family's default."""
+        return self.default_prompt if caption_prompt is None else caption_prompt
