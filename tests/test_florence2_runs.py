@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,9 +24,8 @@ from captioning.images import load_image
 from captioning.inference import load_captioner
 from merge_adapter import main as merge_main
 from run_captioning import main
-from tests.conftest import make_caption_folder, tiny_run_argv
+from tests.conftest import tiny_run_argv
 from tests.photos import write_photos
-from tests.test_distributed import ROOT, _env, _flags
 from tests.test_hub import client_for
 
 pytestmark = [
@@ -265,42 +262,3 @@ def test_overfits_a_handful_of_photos_to_validation_cider_above_one(tiny_florenc
     print("overfit:", {key: round(value, 4) for key, value in results["eval"].items() if isinstance(value, float)})
     assert results["eval"]["eval_cider"] >= 1.0
     assert results["eval"]["eval_bleu_4"] > 0.9
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Two processes
-# --------------------------------------------------------------------------------------------------------------
-
-
-def test_two_processes_give_the_metrics_of_one(tiny_florence2, tmp_path):
-    """Trained on 2 processes, evaluated on 2 and on 1: the same captions and scores (7 images, batches of 2, so the
-    last batch of the 2-process run is padded with duplicates)."""
-    data = make_caption_folder(tmp_path / "data", num_images=23, captions_per_image=3)
-    two, one = tmp_path / "two", tmp_path / "one"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "multi_gpu.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        str(ROOT / "run_captioning.py"),
-    ]
-    train = dict(do_train=True, num_train_epochs=8, learning_rate=2e-2, eval_strategy="no", save_strategy="no")
-    flags = _flags(tiny_florence2, data, two, do_eval=True, do_predict=True, **train)
-    result = subprocess.run(launch + flags, env=_env(), capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    flags = _flags(two, data, one, do_eval=True, do_predict=True)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run_captioning.py"), *flags], env=_env(), capture_output=True, text=True, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    for name, prefix in (("eval_results.json", "eval"), ("predict_results.json", "test")):
-        many, single = json.loads((two / name).read_text()), json.loads((one / name).read_text())
-        for metric in ("bleu_1", "bleu_4", "rouge_l", "cider", "loss"):
-            assert many[f"{prefix}_{metric}"] == pytest.approx(single[f"{prefix}_{metric}"], rel=1e-6, abs=1e-9)
-        assert many[f"{prefix}_samples"] == single[f"{prefix}_samples"] == 7
-    assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from huggingface_hub import ModelCard, snapshot_download
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
-from test_distributed import ROOT, _env, _flags
 from test_hub import client_for, run_cli
 from transformers import AutoConfig, AutoProcessor
 
@@ -35,7 +32,7 @@ from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from merge_adapter import main as merge_main
 from run_captioning import main
-from tests.conftest import make_caption_folder, tiny_run_argv
+from tests.conftest import tiny_run_argv
 
 NUM_IMAGE_TOKENS = 16  # the tiny checkpoint: image 32 / patch 8
 HUB_BASE = "google/paligemma2-3b-pt-224"  # what the tiny checkpoint stands in for (the config, a push)
@@ -457,48 +454,3 @@ def test_overfits_a_handful_of_images_to_a_high_validation_cider(tiny_paligemma,
         )
     )
     assert results["eval"]["eval_cider"] >= 1.0, results["eval"]  # 10.0 (every caption back word for word) here
-
-
-@pytest.mark.slow
-def test_two_processes_train_and_score_like_one(tiny_paligemma, tmp_path):
-    """DDP training and evaluation (gathered captions, padded last batches, token_type_ids in generate with beams)
-    give the metrics that one process computes on the result."""
-    data = make_caption_folder(tmp_path / "data", num_images=23, captions_per_image=3)
-    two = tmp_path / "two"
-    config = ROOT / "configs" / "accelerate" / "multi_gpu.yaml"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2"]
-    launch += ["--mixed_precision", "no"]
-    flags = _flags(
-        tiny_paligemma,
-        data,
-        two,
-        do_train=True,
-        do_eval=True,
-        do_predict=True,
-        num_train_epochs=4,
-        learning_rate=1e-2,
-        eval_strategy="no",
-        save_strategy="no",
-    )
-    result = subprocess.run(
-        [*launch, str(ROOT / "run_captioning.py"), *flags], env=_env(), capture_output=True, text=True, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    # 9 training images x 3 captions = 27 rows; 2 processes x 4 rows a step = 4 steps an epoch (1 process: 7)
-    assert json.loads((two / "trainer_state.json").read_text())["global_step"] == 4 * 4
-    one = tmp_path / "one"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run_captioning.py"), *_flags(two, data, one, do_eval=True, do_predict=True)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    for name, prefix in (("eval_results.json", "eval"), ("predict_results.json", "test")):
-        many, single = json.loads((two / name).read_text()), json.loads((one / name).read_text())
-        for metric in ("bleu_1", "rouge_l", "cider", "loss"):
-            assert many[f"{prefix}_{metric}"] == pytest.approx(single[f"{prefix}_{metric}"], rel=1e-6, abs=1e-9)
-        assert many[f"{prefix}_samples"] == single[f"{prefix}_samples"] == 7
-        assert many[f"{prefix}_bleu_1"] > 0  # real captions, not empty strings
-    assert predictions_of(two) == predictions_of(one)
