@@ -31,8 +31,10 @@ def test_unique_images_maps_rows_to_first_occurrences():
     assert group.tolist() == [0, 1, 0, 2, 1, 0]
 
 
-@pytest.mark.parametrize("family", ["blip", "blip2-opt", "blip2-t5"])
+@pytest.mark.parametrize("family", ["blip", "blip2-opt", "blip2-t5", "florence2", "paligemma"])
 def test_grouped_loss_and_gradients_equal_ungrouped(tiny_models, family):
+    """Captions of one image share one pass of the image side (up to the family's image_feature_module), repeated
+    for each caption row: the loss and every LoRA gradient equal those of one image pass per row."""
     path = tiny_models[family]
     config = AutoConfig.from_pretrained(path)
     fam = detect_family(config)
@@ -44,7 +46,7 @@ def test_grouped_loss_and_gradients_equal_ungrouped(tiny_models, family):
             torch.nn.init.normal_(parameter, std=0.02)
     assert vision_tower_frozen(model, fam)
     processor = AutoProcessor.from_pretrained(path)
-    layout = build_layout(fam, config, processor.tokenizer, "a photo of ")
+    layout = build_layout(fam, config, processor, None if fam.default_prompt else "a photo of ")
     rows = _rows()
 
     plain = CaptionCollator(processor.image_processor, processor.tokenizer, layout)(rows)
@@ -69,7 +71,7 @@ def test_grouped_loss_and_gradients_equal_ungrouped(tiny_models, family):
     grouped_loss, grouped_grads = loss_and_grads(grouped)
     torch.testing.assert_close(grouped_loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert plain_grads.keys() == grouped_grads.keys()
-    assert any(grad.abs().sum() > 0 for grad in plain_grads.values())
+    assert all(grad.abs().sum() > 0 for grad in plain_grads.values())
     for name in plain_grads:
         torch.testing.assert_close(grouped_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 

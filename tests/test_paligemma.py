@@ -20,13 +20,12 @@ from test_hub import client_for, run_cli
 from transformers import AutoConfig, AutoProcessor
 
 import caption_images
-from captioning.arguments import LoraArguments, ModelArguments, to_argv
+from captioning.arguments import LoraArguments, to_argv
 from captioning.families import PALIGEMMA, detect_family
 from captioning.families.paligemma import DEFAULT_PROMPT
-from captioning.grouping import expand_image_features
 from captioning.inference import load_captioner
 from captioning.layout import IGNORE_INDEX
-from captioning.modeling import image_feature_module, load_model, resolve_lora_targets, vision_tower_frozen
+from captioning.modeling import resolve_lora_targets
 from captioning.tiny_paligemma import build_tiny_paligemma
 from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
@@ -232,53 +231,6 @@ def test_first_generated_token_is_what_training_teaches_at_the_last_prompt_posit
             **without, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
     assert (causal.logits[0] - generated.logits[0]).abs().max() > 1e-3
-
-
-# --- image grouping --------------------------------------------------------------------------------------------------
-
-
-def test_grouped_loss_and_gradients_equal_ungrouped(tiny_paligemma):
-    """The projector's output (one per image) is repeated for each caption of the image: same loss and gradients."""
-    config = AutoConfig.from_pretrained(tiny_paligemma)
-    torch.manual_seed(0)
-    model = load_model(
-        ModelArguments(model_name_or_path=str(tiny_paligemma)), LoraArguments(lora_dropout=0.0), config, PALIGEMMA
-    ).eval()
-    for name, parameter in model.named_parameters():  # LoRA B starts at zero; make the adapters matter
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.02)
-    assert vision_tower_frozen(model, PALIGEMMA)
-    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
-    images = [Image.new("RGB", (36, 30), colour) for colour in colours]
-    captions = ["a red dog", "the dog is red", "a man on the grass", "two blue cats", "a ball", "blue water"]
-    rows = [
-        {"image": images[i], "caption": caption, "image_index": i}
-        for caption, i in zip(captions, [0, 1, 0, 2, 1, 0], strict=True)
-    ]
-    _, _, _, plain_collator = setup(tiny_paligemma)
-    _, _, _, grouped_collator = setup(tiny_paligemma, group_images=True)
-    plain, grouped = plain_collator(rows), grouped_collator(rows)
-    assert plain["pixel_values"].shape[0] == 6 and grouped["pixel_values"].shape[0] == 3
-
-    def loss_and_grads(batch):
-        model.zero_grad()
-        batch = dict(batch)
-        group = batch.pop("image_group", None)
-        if group is None:
-            loss = model(**batch).loss
-        else:
-            with expand_image_features(image_feature_module(model, PALIGEMMA), group):
-                loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    plain_loss, plain_grads = loss_and_grads(plain)
-    grouped_loss, grouped_grads = loss_and_grads(grouped)
-    torch.testing.assert_close(grouped_loss, plain_loss, rtol=1e-5, atol=1e-6)
-    assert plain_grads.keys() == grouped_grads.keys() and len(plain_grads) == 2 * 14
-    assert all(grad.abs().sum() > 0 for grad in plain_grads.values())
-    for name in plain_grads:
-        torch.testing.assert_close(grouped_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --- end to end: main() ---------------------------------------------------------------------------------------------
