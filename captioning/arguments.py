@@ -25,8 +25,9 @@ class ModelArguments:
     model_name_or_path: str = field(
         default=None,
         metadata={
-            "help": "Hub id or local folder of a BLIP or BLIP-2 captioner, e.g. Salesforce/blip-image-captioning-base, "
-            "Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl, or florence-community/Florence-2-base. Required."
+            "help": "Hub id or local folder of a captioner: BLIP, BLIP-2, Florence-2 or PaliGemma, e.g. "
+            "Salesforce/blip-image-captioning-base, Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl, "
+            "florence-community/Florence-2-base or google/paligemma2-3b-pt-224. Required."
         },
     )
     processor_name_or_path: str | None = field(
@@ -191,7 +192,7 @@ class DataArguments:
             "help": 'Text put before every caption, e.g. "a picture of " (BLIP) or "a photo of " (BLIP-2). It is '
             "masked out of the loss, fed to generate, and stripped from generated captions. Florence-2 takes a task "
             "token instead, read by its encoder: <CAPTION>, <DETAILED_CAPTION> or <MORE_DETAILED_CAPTION>. Default: "
-            "the family's (none for BLIP and BLIP-2, <CAPTION> for Florence-2)."
+            'the family\'s (none for BLIP and BLIP-2, <CAPTION> for Florence-2, "caption en" for PaliGemma).'
         },
     )
 
@@ -211,8 +212,8 @@ class LoraArguments:
         metadata={
             "help": "Linear layers to adapt, by name or name suffix (query value, q_proj v_proj, ...), or "
             "all-linear. Default per family: BLIP text decoder query/value; BLIP-2 language-model attention "
-            "projections; Florence-2 BART attention and MLP (q/k/v/out_proj, fc1, fc2). Names may also be "
-            "comma-separated."
+            "projections; Florence-2 BART attention and MLP (q/k/v/out_proj, fc1, fc2); PaliGemma Gemma attention and "
+            "MLP. Names may also be comma-separated."
         },
     )
     lora_vision: bool = field(
@@ -235,15 +236,22 @@ class CaptioningArguments:
 
     num_beams: int | None = field(
         default=None,
-        metadata={"help": "Beams for generation (default per family: BLIP 3, BLIP-2 5, as in LAVIS; Florence-2 3)."},
+        metadata={
+            "help": "Beams for generation (default per family: BLIP 3, BLIP-2 5, as in LAVIS; Florence-2 3; "
+            "PaliGemma 1)."
+        },
     )
     max_new_tokens: int | None = field(
         default=None,
-        metadata={"help": "Longest generated caption in tokens (default: BLIP 20, BLIP-2 30, Florence-2 30)."},
+        metadata={
+            "help": "Longest generated caption in tokens (default: BLIP 20, BLIP-2 30, Florence-2 and PaliGemma 30)."
+        },
     )
     min_new_tokens: int | None = field(
         default=None,
-        metadata={"help": "Shortest generated caption in tokens (default: BLIP 5, BLIP-2 8, Florence-2 0)."},
+        metadata={
+            "help": "Shortest generated caption in tokens (default: BLIP 5, BLIP-2 8, Florence-2 and PaliGemma 0)."
+        },
     )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Generation repetition penalty (LAVIS: 1.15)."})
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeating n-grams of this size (0: off)."})
