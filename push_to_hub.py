@@ -68,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             raise unknown_flags_error(unknown, parser, "python push_to_hub.py --help")
         # What would be pushed, checked before the Hub is asked anything (a local base without --base_model_id).
         stage_push(args.output_dir, args.hub_model_id, base_model_id=args.base_model_id, push_samples=args.push_samples)
-        check_push_config(True, args.hub_model_id, args.hub_token)
+        check_push_config(
+            True,
+            args.hub_model_id,
+            args.hub_token,
+            private=args.hub_private_repo,
+            overwrite_foreign_repo=args.hub_overwrite_foreign_repo,
+        )
         url = push_output_dir(
             args.output_dir,
             args.hub_model_id,

@@ -116,6 +116,8 @@ def check_configuration(args: Arguments) -> RunPlan:
         training.hub_token,
         base_model=base_model_path(args.model) if training.push_to_hub else None,
         base_model_id=training.base_model_id,
+        private=training.hub_private_repo is not False,
+        overwrite_foreign_repo=training.hub_overwrite_foreign_repo,
     )
     push_requested, training.push_to_hub = training.push_to_hub, False  # the Trainer itself never pushes
     training.resume_from_checkpoint = resolve_resume_checkpoint(training.resume_from_checkpoint, training.output_dir)

@@ -147,13 +147,17 @@ def check_push_config(
     *,
     base_model: str | None = None,
     base_model_id: str | None = None,
+    private: bool = True,
+    overwrite_foreign_repo: bool = False,
 ) -> None:
     """Checks run before training, so that a push that cannot succeed fails in seconds rather than after the run.
 
     Refuses ``--hub_token`` whether or not a push is asked for (it would be pickled into training_args.bin). With
     ``push_to_hub``: needs a valid ``hub_model_id``, a Hub id for the base model (``base_model`` itself, or
     ``base_model_id`` when the base is a local folder) and a token, and asks the Hub (``whoami``) whether the token is
-    accepted and may write. Raises ValueError saying how to fix each case.
+    accepted and may write, and whether an existing ``hub_model_id`` repo would refuse the push (public while
+    ``private`` is asked, or made by someone else without ``overwrite_foreign_repo``). Raises ValueError saying how to
+    fix each case.
     """
     if hub_token:
         raise ValueError(
@@ -180,9 +184,9 @@ def check_push_config(
     if token is None:
         raise ValueError(_NO_TOKEN)
     user = _whoami(token)
-    logger.info(
-        "Hub token accepted by %s (user %s); the run will be pushed to %s.", constants.ENDPOINT, user, hub_model_id
-    )
+    repo_id = hub_model_id if "/" in hub_model_id or not user else f"{user}/{hub_model_id}"
+    _check_existing_repo(token, repo_id, private=private, overwrite_foreign_repo=overwrite_foreign_repo)
+    logger.info("Hub token accepted by %s (user %s); the run will be pushed to %s.", constants.ENDPOINT, user, repo_id)
 
 
 def resolve_base_model_id(base_models: list[str], base_model_id: str | None) -> str | None:
@@ -399,6 +403,45 @@ def retry_command(
     return command
 
 
+def repo_refusal(info, repo_id: str, *, private: bool, overwrite_foreign_repo: bool) -> str | None:
+    """Why a push into the existing repo ``info`` must not happen (None: it may): a public repo when a private one is
+    asked for, or a repo this tool did not make that holds other files (without ``overwrite_foreign_repo``)."""
+    if private and not info.private:
+        return (
+            f"{repo_id} already exists and is public, but the push asks for a private repo (--hub_private_repo, the "
+            f"default): make it private in its settings on {constants.ENDPOINT}, or push with --hub_private_repo "
+            "false to keep it public."
+        )
+    existing = {sibling.rfilename for sibling in info.siblings or []}
+    others = sorted(existing - _NEUTRAL_REPO_FILES)
+    if CAPTIONING_CONFIG not in existing and others and not overwrite_foreign_repo:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        return (
+            f"{repo_id} was not made by this tool (it has no {CAPTIONING_CONFIG}) and holds other files ({shown}): "
+            "push to a new repo (another --hub_model_id), or pass --hub_overwrite_foreign_repo to push into it "
+            "anyway (its files of the same names are replaced, its weights deleted)."
+        )
+    return None
+
+
+def _check_existing_repo(token: str, repo_id: str, *, private: bool, overwrite_foreign_repo: bool) -> None:
+    """Before training: refuse now a push that the existing repo would refuse after training. A repo that does not
+    exist yet is created at push time; when the Hub cannot say, the push checks again."""
+    try:
+        info = HfApi(token=token).repo_info(repo_id)
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status != 404:
+            logger.warning("Could not look %s up before training (%s); the push checks it.", repo_id, status)
+        return
+    except (*_transport_errors(), ConnectionError, TimeoutError):
+        logger.warning("Could not look %s up before training; the push checks it.", repo_id)
+        return
+    refusal = repo_refusal(info, repo_id, private=private, overwrite_foreign_repo=overwrite_foreign_repo)
+    if refusal is not None:
+        raise ValueError(f"{refusal} (Checked before training; nothing was trained or uploaded.)")
+
+
 class _PushRefused(Exception):
     """A push that must not happen and that retrying cannot fix."""
 
@@ -413,22 +456,11 @@ def _push_once(
 ) -> str | None:
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" becomes "user/name"
     info = api.repo_info(repo_id)
-    if private and not info.private:
-        raise _PushRefused(
-            f"{repo_id} already exists and is public, but the push asks for a private repo (--hub_private_repo, the "
-            f"default): make it private in its settings on {api.endpoint}, or push with --hub_private_repo false to "
-            "keep it public."
-        )
+    refusal = repo_refusal(info, repo_id, private=private, overwrite_foreign_repo=overwrite_foreign_repo)
+    if refusal is not None:
+        raise _PushRefused(refusal)
     existing = {sibling.rfilename for sibling in info.siblings or []}
     ours = CAPTIONING_CONFIG in existing
-    others = sorted(existing - _NEUTRAL_REPO_FILES)
-    if not ours and others and not overwrite_foreign_repo:
-        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise _PushRefused(
-            f"{repo_id} was not made by this tool (it has no {CAPTIONING_CONFIG}) and holds other files ({shown}): "
-            "push to a new repo (another --hub_model_id), or pass --hub_overwrite_foreign_repo to push into it "
-            "anyway (its files of the same names are replaced, its weights deleted)."
-        )
     stale = sorted(
         name
         for name in existing - set(staged.files)

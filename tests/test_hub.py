@@ -321,8 +321,9 @@ def test_the_client_calls_in_order(pushed):
     calls = [(r.method, re.sub(r"[0-9a-f]{64}", "<sha256>", r.path)) for r in pushed.server.requests]
     commit = ("POST", f"/api/models/{pushed.repo}/commit/main")
     push = [call for call in calls[: calls.index(commit) + 1] if call[1] != "/api/agent-harnesses"]
-    assert push[:6] == [
-        ("GET", "/api/whoami-v2"),
+    assert push[:7] == [
+        ("GET", "/api/whoami-v2"),  # before training: the token,
+        ("GET", f"/api/models/{pushed.repo}"),  # and whether an existing repo would refuse the push (none yet)
         ("POST", "/api/repos/create"),
         ("GET", f"/api/models/{pushed.repo}"),
         ("POST", "/api/validate-yaml"),
@@ -330,7 +331,7 @@ def test_the_client_calls_in_order(pushed):
         ("POST", f"/{pushed.repo}.git/info/lfs/objects/batch"),
     ]
     lfs = [("PUT", f"/_lfs/{pushed.repo}/<sha256>"), ("POST", f"/{pushed.repo}.git/info/lfs/objects/verify")]
-    assert sorted(push[6:-1]) == sorted(lfs * 3)  # one upload + verify per LFS file, in parallel threads
+    assert sorted(push[7:-1]) == sorted(lfs * 3)  # one upload + verify per LFS file, in parallel threads
     assert push[-1] == commit
 
 
@@ -464,7 +465,26 @@ def test_private_push_to_an_existing_public_repo_is_refused(run_dir, server, api
 
 def test_check_push_config_accepts_a_valid_token(server, api):
     hub.check_push_config(True, f"{USER}/blip", None)
-    assert [r.path for r in server.requests if r.path != "/api/agent-harnesses"] == ["/api/whoami-v2"]
+    paths = [r.path for r in server.requests if r.path != "/api/agent-harnesses"]
+    assert paths[0] == "/api/whoami-v2" and len(paths) == 2 and f"/api/models/{USER}/blip" in paths[1]  # no such repo
+    assert commit_posts(server) == []
+
+
+def test_a_push_the_existing_repo_would_refuse_fails_before_training(run_dir, server, api):
+    """A public repo while a private push is asked, or another tool's repo: refused by the check before training,
+    as the push itself would refuse them after training."""
+    public = f"{USER}/public-captioner"
+    hub.push_output_dir(run_dir, public, private=False)
+    with pytest.raises(ValueError, match=r"already exists and is public.*Checked before training"):
+        hub.check_push_config(True, public, None)
+    hub.check_push_config(True, public, None, private=False)
+
+    foreign = f"{USER}/someone-elses"
+    api.create_repo(foreign, private=True)
+    api.upload_file(path_or_fileobj=b"weights", path_in_repo="model.safetensors", repo_id=foreign)
+    with pytest.raises(ValueError, match=r"not made by this tool .*--hub_overwrite_foreign_repo.*Checked before"):
+        hub.check_push_config(True, "someone-elses", None)  # a bare name is the token's user's repo
+    hub.check_push_config(True, foreign, None, overwrite_foreign_repo=True)
 
 
 def test_check_push_config_without_push_needs_nothing(server, tmp_path):
