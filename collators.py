@@ -50,7 +50,7 @@ class CaptionCollator:
         self.tokenizer = tokenizer
         self.layout = layout
         self.max_caption_length = max_caption_length
-        self.group_images = group_images
+        self.group_images = group_images and layout.image_grouping
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if "caption" in rows[0]:
@@ -60,8 +60,14 @@ class CaptionCollator:
     def pixel_values(self, rows: list[dict]) -> torch.Tensor:
         images = [row["image"] for row in rows]
         if isinstance(images[0], torch.Tensor):  # preprocessed once (captioning/image_cache.py): already resized
-            return self.image_processor(images=images, do_resize=False, return_tensors="pt")["pixel_values"]
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            pixels = self.image_processor(images=images, do_resize=False, return_tensors="pt")["pixel_values"]
+        else:
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if pixels.dim() == 5 and pixels.shape[0] == 1 and pixels.shape[1] == len(images) > 1:
+            # Image processors with a per-row image axis (Idefics3, SmolVLM) read a flat list as one row of many
+            # images: give each row its own image, (B, 1, 3, H, W).
+            pixels = pixels.transpose(0, 1).contiguous()
+        return pixels
 
     def collate_training(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         captions = [self.layout.caption_prefix + row["caption"] for row in rows]

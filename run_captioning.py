@@ -193,13 +193,17 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
     """Processor, model (LoRA / k-bit / full), collator, and the CaptioningTrainer around them."""
     training, family = args.training, plan.family
     processor = load_processor(args.model)
+    caption_prompt = family.prompt(args.data.caption_prompt)  # --caption_prompt, else the family's default
+    # The layout first: a family may set processor options there (SmolVLM turns image splitting off) that the
+    # preprocessed images must already follow.
+    layout = build_layout(family, plan.config, processor, caption_prompt)
     caches = preprocess_images(args, splits, processor.image_processor)
     model = load_model(args.model, args.lora, plan.config, family)
     apply_label_smoothing(model, family, training.label_smoothing_factor)
     training.label_smoothing_factor = 0.0  # applied inside BLIP's loss, where the logits are aligned
-    caption_prompt = family.prompt(args.data.caption_prompt)  # --caption_prompt, else the family's default
-    layout = build_layout(family, model.config, processor, caption_prompt)
-    group_images = training.captions_per_image_in_batch > 1 and vision_tower_frozen(model, family)
+    group_images = (
+        training.captions_per_image_in_batch > 1 and layout.image_grouping and vision_tower_frozen(model, family)
+    )
     if group_images:
         logger.info(
             "Vision tower frozen: up to %d captions of an image share a batch and one vision pass.",

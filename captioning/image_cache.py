@@ -191,8 +191,15 @@ def chunk_size(num_images: int, workers: int) -> int:
 
 def _resize(images, image_processor) -> torch.Tensor:
     """The processor's own resize, without rescaling or normalising: uint8 (N, 3, H, W)."""
-    pixels = image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
-    return pixels["pixel_values"].round().clamp(0, 255).to(torch.uint8)
+    pixels = image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+    if pixels.dim() == 5:  # processors with a per-row image axis (SmolVLM) read a flat list as one row of N images
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        if len(pixels) != len(images):
+            raise ValueError(
+                f"{type(image_processor).__name__} made {len(pixels)} crops of {len(images)} images; preprocessing "
+                "needs one array per image (turn image splitting off, or pass --preprocess_images false)."
+            )
+    return pixels.round().clamp(0, 255).to(torch.uint8)
 
 
 def _fill_job(job) -> int:

@@ -42,6 +42,9 @@ class CaptionLayout:
     image_token_id: int | None = None
     num_image_tokens: int = 0
     caption_prefix: str = ""  # text put before each caption so that it tokenizes as a continuation of the prompt
+    # False where captions of one image cannot share one image pass (captioning/grouping.py): the model itself splits
+    # its image features per row by the number of images it was given (SmolVLM / Idefics3).
+    image_grouping: bool = True
 
     @property
     def image_tokens(self) -> list[int]:

@@ -19,6 +19,7 @@ from captioning.arguments import to_argv
 from captioning.tiny_florence2 import build_tiny_florence2
 from captioning.tiny_models import build_tiny_blip, build_tiny_blip2_opt, build_tiny_blip2_t5
 from captioning.tiny_paligemma import build_tiny_paligemma
+from captioning.tiny_smolvlm import build_tiny_smolvlm
 from tests.photos import write_photo_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,6 +55,12 @@ def tiny_florence2(tmp_path_factory) -> Path:
 def tiny_paligemma(tmp_path_factory) -> Path:
     """A tiny PaliGemma 2 (Gemma 2 text model; 16 image tokens of 32x32 images)."""
     return build_tiny_paligemma(tmp_path_factory.mktemp("tiny-paligemma"))
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory) -> Path:
+    """A tiny SmolVLM2 (Llama text model; image splitting off, 4 image tokens of 32x32 images)."""
+    return build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm"))
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ from captioning.families.blip import BLIP
 from captioning.families.blip2 import BLIP2_OPT, BLIP2_T5
 from captioning.families.florence2 import FLORENCE2
 from captioning.families.paligemma import PALIGEMMA
+from captioning.families.smolvlm import SMOLVLM
 
-FAMILIES: tuple[ModelFamily, ...] = (BLIP, BLIP2_OPT, BLIP2_T5, FLORENCE2, PALIGEMMA)
+FAMILIES: tuple[ModelFamily, ...] = (BLIP, BLIP2_OPT, BLIP2_T5, FLORENCE2, PALIGEMMA, SMOLVLM)
 
 __all__ = [
     "BLIP",
@@ -22,6 +23,7 @@ __all__ = [
     "FLORENCE2",
     "ModelFamily",
     "PALIGEMMA",
+    "SMOLVLM",
     "check_config_json",
     "detect_family",
 ]
