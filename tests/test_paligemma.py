@@ -32,6 +32,7 @@ from collators import CaptionCollator, build_layout
 from merge_adapter import main as merge_main
 from run_captioning import main
 from tests.conftest import tiny_run_argv
+from tests.decoder_checks import check_first_token_is_learnt_where_generate_predicts_it, sharpen
 
 NUM_IMAGE_TOKENS = 16  # the tiny checkpoint: image 32 / patch 8
 HUB_BASE = "google/paligemma2-3b-pt-224"  # what the tiny checkpoint stands in for (the config, a push)
@@ -201,28 +202,9 @@ def test_paligemma1_on_sdpa_does_not_see_the_caption_ahead_with_the_collators_ro
 
 def test_first_generated_token_is_what_training_teaches_at_the_last_prompt_position(tiny_paligemma):
     processor, family, layout, collator = setup(tiny_paligemma)
-    model = family.model_class.from_pretrained(tiny_paligemma).eval()
-    with torch.no_grad():  # a sharper random model, so the argmax is not a toss-up between near-equal logits
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(3.0)
-    training = collator(training_rows())
+    model = sharpen(family.model_class.from_pretrained(tiny_paligemma).eval())
     prompt = collator(generation_rows())
-    length = layout.generated_prefix_length
-    with torch.no_grad():
-        teacher_forced = model(**training).logits
-        generated = model.generate(
-            **generation_inputs(prompt),
-            max_new_tokens=1,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    assert torch.equal(training["input_ids"][:, :length], prompt["input_ids"])
-    assert (training["labels"][:, length] != IGNORE_INDEX).all()  # the first caption token is learnt at "\n"
-    assert torch.equal(generated.sequences[:, :length], prompt["input_ids"])
-    assert torch.equal(generated.sequences[:, length], teacher_forced[:, length - 1].argmax(-1))
-    torch.testing.assert_close(generated.logits[0], teacher_forced[:, length - 1], atol=1e-4, rtol=0)
+    generated = check_first_token_is_learnt_where_generate_predicts_it(model, layout, collator(training_rows()), prompt)
 
     # Without token_type_ids generate would run PaliGemma 2's prefix causally: other logits.
     without = {key: value for key, value in generation_inputs(prompt).items() if key != "token_type_ids"}

@@ -28,6 +28,7 @@ from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
 from tests.conftest import tiny_run_argv
+from tests.decoder_checks import check_first_token_is_learnt_where_generate_predicts_it, sharpen
 
 NUM_IMAGE_TOKENS = 4  # the tiny checkpoint: (image 32 / patch 8)^2 / scale factor 2^2
 IMAGES = [Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("RGB", (30, 60), (10, 200, 10))]
@@ -189,28 +190,9 @@ def test_loss_is_next_token_cross_entropy_over_the_answer(tiny_smolvlm):
 
 def test_first_generated_token_is_what_training_teaches_at_the_last_prompt_position(tiny_smolvlm):
     _, family, layout, collator = setup(tiny_smolvlm)
-    model = family.model_class.from_pretrained(tiny_smolvlm).eval()
-    with torch.no_grad():  # a sharper random model, so the argmax is not a toss-up between near-equal logits
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(3.0)
-    training = collator(training_rows())
+    model = sharpen(family.model_class.from_pretrained(tiny_smolvlm).eval())
     prompt = collator(generation_rows())
-    length = layout.generated_prefix_length
-    with torch.no_grad():
-        teacher_forced = model(**training).logits
-        generated = model.generate(
-            **generation_inputs(prompt),
-            max_new_tokens=1,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    assert torch.equal(training["input_ids"][:, :length], prompt["input_ids"])
-    assert (training["labels"][:, length] != IGNORE_INDEX).all()  # the first caption token is learnt at ":"
-    assert torch.equal(generated.sequences[:, :length], prompt["input_ids"])
-    assert torch.equal(generated.sequences[:, length], teacher_forced[:, length - 1].argmax(-1))
-    torch.testing.assert_close(generated.logits[0], teacher_forced[:, length - 1], atol=1e-4, rtol=0)
+    check_first_token_is_learnt_where_generate_predicts_it(model, layout, collator(training_rows()), prompt)
 
 
 # --- end to end: main() ---------------------------------------------------------------------------------------------
