@@ -27,7 +27,7 @@ from transformers.trainer_utils import IntervalStrategy
 from captioning.arguments import Arguments, parse_args, validate_args
 from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
-from captioning.distributed import run_on_main
+from captioning.distributed import end_processes, run_on_main
 from captioning.families import ModelFamily, detect_family
 from captioning.hub import check_push_config, push_output_dir
 from captioning.image_cache import ImageCache, build_image_cache
@@ -90,19 +90,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         record = run_phases(trainer, splits, args.caption, args.training)
     finally:
         trainer.scorer.close()
-    if trainer.is_world_process_zero():
-        hub_model_id = args.training.hub_model_id if plan.push_requested else None
-        write_card_and_pictures(args, plan, trainer, record, splits, model, hub_model_id)
-        if plan.push_requested:
-            push_output_dir(
-                args.training.output_dir,
-                hub_model_id,
-                private=args.training.hub_private_repo is not False,
-                base_model_id=args.training.base_model_id,
-                push_samples=args.training.push_samples,
-                overwrite_foreign_repo=args.training.hub_overwrite_foreign_repo,
-            )
+    if trainer.is_world_process_zero():  # the others need not wait: a push can take longer than any timeout
+        publish(args, plan, trainer, record, splits, model)
+    end_processes()
     return record.metrics
+
+
+def publish(args: Arguments, plan: RunPlan, trainer, record: RunRecord, splits, model) -> None:
+    """The card and its pictures, then the push when asked (the main process only)."""
+    hub_model_id = args.training.hub_model_id if plan.push_requested else None
+    write_card_and_pictures(args, plan, trainer, record, splits, model, hub_model_id)
+    if plan.push_requested:
+        push_output_dir(
+            args.training.output_dir,
+            hub_model_id,
+            private=args.training.hub_private_repo is not False,
+            base_model_id=args.training.base_model_id,
+            push_samples=args.training.push_samples,
+            overwrite_foreign_repo=args.training.hub_overwrite_foreign_repo,
+        )
 
 
 def check_configuration(args: Arguments) -> RunPlan:

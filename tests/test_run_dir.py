@@ -155,6 +155,7 @@ def test_each_fresh_run_gets_its_own_run_id(tmp_path):
 _TWO_PROCESSES = """
 import json, pathlib, sys, time
 from captioning.arguments import CaptioningTrainingArguments
+from captioning.distributed import end_processes
 from captioning.run_dir import start_run
 args = CaptioningTrainingArguments(output_dir=sys.argv[1], overwrite_output_dir=True, report_to="none")
 time.sleep(2 * args.process_index)  # rank 1 is still checking output_dir when rank 0 gets to start_run
@@ -163,6 +164,7 @@ run_id = start_run(args)
 after = sorted(path.name for path in pathlib.Path(sys.argv[1]).iterdir())
 result = {"run_id": run_id, "before": before, "after": after}
 pathlib.Path(f"{sys.argv[1]}-rank{args.process_index}.json").write_text(json.dumps(result))
+end_processes()
 """
 
 
