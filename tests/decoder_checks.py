@@ -37,3 +37,24 @@ def check_first_token_is_learnt_where_generate_predicts_it(model, layout, traini
     assert torch.equal(generated.sequences[:, length], teacher_forced[:, length - 1].argmax(-1))
     torch.testing.assert_close(generated.logits[0], teacher_forced[:, length - 1], atol=1e-4, rtol=0)
     return generated
+
+
+def check_loss_is_next_token_cross_entropy(model, collator, rows: list[dict]) -> None:
+    """The model's loss equals cross-entropy computed by hand, position t predicting label t + 1 (one shift, inside
+    the model; the collator's labels are unshifted), and padding changes nothing: each row alone gives the same
+    per-token loss."""
+    batch = collator(rows)
+    with torch.no_grad():
+        output = model(**batch)
+    logits, labels = output.logits.float(), batch["labels"]
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+    torch.testing.assert_close(output.loss, expected, atol=1e-5, rtol=0)
+    per_row = []
+    for row in rows:
+        single = collator([row])
+        with torch.no_grad():
+            per_row.append((model(**single).loss, (single["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    weighted = sum(loss * count for loss, count in per_row) / sum(count for _, count in per_row)
+    torch.testing.assert_close(output.loss, weighted, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hub_server import TOKEN, USER, HubServer
 from huggingface_hub import ModelCard, snapshot_download
 from peft import PeftModel
@@ -32,7 +31,11 @@ from collators import CaptionCollator, build_layout
 from merge_adapter import main as merge_main
 from run_captioning import main
 from tests.conftest import tiny_run_argv
-from tests.decoder_checks import check_first_token_is_learnt_where_generate_predicts_it, sharpen
+from tests.decoder_checks import (
+    check_first_token_is_learnt_where_generate_predicts_it,
+    check_loss_is_next_token_cross_entropy,
+    sharpen,
+)
 
 NUM_IMAGE_TOKENS = 16  # the tiny checkpoint: image 32 / patch 8
 HUB_BASE = "google/paligemma2-3b-pt-224"  # what the tiny checkpoint stands in for (the config, a push)
@@ -167,21 +170,7 @@ def test_loss_is_next_token_cross_entropy_over_caption_tokens(tiny_paligemma, tm
     path = tiny_paligemma if gemma2 else build_tiny_paligemma(tmp_path / "pg1", gemma2=False)
     _, family, _, collator = setup(path)
     model = family.model_class.from_pretrained(path).eval()
-    batch = collator(training_rows())
-    with torch.no_grad():
-        output = model(**batch)
-    logits, labels = output.logits.float(), batch["labels"]
-    # Position t predicts token t + 1 (one shift, inside the model's loss; the collator's labels are unshifted).
-    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-    torch.testing.assert_close(output.loss, expected, atol=1e-5, rtol=0)
-    # Padding changes nothing: each row alone gives the same per-token loss.
-    per_row = []
-    for row in training_rows():
-        single = collator([row])
-        with torch.no_grad():
-            per_row.append((model(**single).loss, (single["labels"][:, 1:] != IGNORE_INDEX).sum()))
-    weighted = sum(loss * count for loss, count in per_row) / sum(count for _, count in per_row)
-    torch.testing.assert_close(output.loss, weighted, atol=1e-5, rtol=1e-5)
+    check_loss_is_next_token_cross_entropy(model, collator, training_rows())
 
 
 def test_paligemma1_on_sdpa_does_not_see_the_caption_ahead_with_the_collators_rows(tmp_path):

@@ -12,7 +12,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-import torch.nn.functional as F
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
@@ -28,7 +27,11 @@ from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
 from tests.conftest import tiny_run_argv
-from tests.decoder_checks import check_first_token_is_learnt_where_generate_predicts_it, sharpen
+from tests.decoder_checks import (
+    check_first_token_is_learnt_where_generate_predicts_it,
+    check_loss_is_next_token_cross_entropy,
+    sharpen,
+)
 
 NUM_IMAGE_TOKENS = 4  # the tiny checkpoint: (image 32 / patch 8)^2 / scale factor 2^2
 IMAGES = [Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("RGB", (30, 60), (10, 200, 10))]
@@ -172,20 +175,7 @@ def test_captions_of_an_image_are_not_grouped(tiny_smolvlm):
 def test_loss_is_next_token_cross_entropy_over_the_answer(tiny_smolvlm):
     _, family, _, collator = setup(tiny_smolvlm)
     model = family.model_class.from_pretrained(tiny_smolvlm).eval()
-    batch = collator(training_rows())
-    with torch.no_grad():
-        output = model(**batch)
-    logits, labels = output.logits.float(), batch["labels"]
-    # Position t predicts token t + 1 (one shift, inside the model's loss; the collator's labels are unshifted).
-    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-    torch.testing.assert_close(output.loss, expected, atol=1e-5, rtol=0)
-    per_row = []
-    for row in training_rows():
-        single = collator([row])
-        with torch.no_grad():
-            per_row.append((model(**single).loss, (single["labels"][:, 1:] != IGNORE_INDEX).sum()))
-    weighted = sum(loss * count for loss, count in per_row) / sum(count for _, count in per_row)
-    torch.testing.assert_close(output.loss, weighted, atol=1e-5, rtol=1e-5)
+    check_loss_is_next_token_cross_entropy(model, collator, training_rows())
 
 
 def test_first_generated_token_is_what_training_teaches_at_the_last_prompt_position(tiny_smolvlm):
