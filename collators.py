@@ -57,59 +57,74 @@ class CaptionCollator:
             return self.collate_training(rows)
         return self.collate_generation(rows)
 
-    def pixel_values(self, rows: list[dict]) -> torch.Tensor:
+    def image_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """The image processor's outputs for the rows' images that the layout's batches carry (``pixel_values``;
+        Qwen's ``image_grid_thw``)."""
         images = [row["image"] for row in rows]
         if isinstance(images[0], torch.Tensor):  # preprocessed once (captioning/image_cache.py): already resized
-            pixels = self.image_processor(images=images, do_resize=False, return_tensors="pt")["pixel_values"]
+            output = self.image_processor(images=images, do_resize=False, return_tensors="pt")
         else:
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            output = self.image_processor(images=images, return_tensors="pt")
+        inputs = {key: output[key] for key in self.layout.image_input_keys}
+        pixels = inputs["pixel_values"]
         if pixels.dim() == 5 and pixels.shape[0] == 1 and pixels.shape[1] == len(images) > 1:
             # Image processors with a per-row image axis (Idefics3, SmolVLM) read a flat list as one row of many
             # images: give each row its own image, (B, 1, 3, H, W).
-            pixels = pixels.transpose(0, 1).contiguous()
-        return pixels
+            inputs["pixel_values"] = pixels.transpose(0, 1).contiguous()
+        return inputs
+
+    def pixel_values(self, rows: list[dict]) -> torch.Tensor:
+        return self.image_inputs(rows)["pixel_values"]
 
     def collate_training(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         captions = [self.layout.caption_prefix + row["caption"] for row in rows]
         caption_ids = self.tokenizer(
             captions, add_special_tokens=False, truncation=True, max_length=self.max_caption_length
         )["input_ids"]
-        batch = self._pad_rows([self.layout.training_row(ids) for ids in caption_ids])
         if self.group_images:
-            first_rows, batch["image_group"] = unique_images([row["image_index"] for row in rows])
-            batch["pixel_values"] = self.pixel_values([rows[i] for i in first_rows])
+            first_rows, image_group = unique_images([row["image_index"] for row in rows])
+            images = self.image_inputs([rows[i] for i in first_rows])
         else:
-            batch["pixel_values"] = self.pixel_values(rows)
-        return batch
+            image_group, images = None, self.image_inputs(rows)
+        counts = self.layout.image_token_counts(images)
+        if counts is None:
+            counts = [None] * len(rows)
+        elif image_group is not None:
+            counts = [counts[image] for image in image_group.tolist()]
+        batch = self._pad_rows([self.layout.training_row(ids, n) for ids, n in zip(caption_ids, counts, strict=True)])
+        if image_group is not None:
+            batch["image_group"] = image_group
+        return {**batch, **images}
 
     def collate_generation(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prompt = {
-            key: torch.tensor([ids] * len(rows), dtype=torch.long) for key, ids in self.layout.generation_row().items()
-        }
-        return {
-            "pixel_values": self.pixel_values(rows),
-            **prompt,
-            "image_index": torch.tensor([row["image_index"] for row in rows], dtype=torch.long),
-        }
+        """Prompts of different lengths (images with different numbers of placeholders) are left-padded, so that
+        every row's new tokens start at the same position."""
+        images = self.image_inputs(rows)
+        counts = self.layout.image_token_counts(images) or [None] * len(rows)
+        prompts = self._pad_rows([self.layout.generation_row(n) for n in counts], side="left")
+        image_index = torch.tensor([row["image_index"] for row in rows], dtype=torch.long)
+        return {**images, **prompts, "image_index": image_index}
 
-    def _pad_rows(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-pad every token-level input to the batch's longest row; ``attention_mask`` marks the real tokens
-        of ``input_ids``."""
+    def _pad_rows(self, rows: list[dict[str, list[int]]], side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad every token-level input to the batch's longest row (``attention_mask`` padded with 0)."""
         values = self.layout.padding_values()
-        batch = {}
-        for key in rows[0]:
-            batch[key], mask = _pad([row[key] for row in rows], values.get(key, 0))
-            if key == "input_ids":
-                batch["attention_mask"] = mask
-        return batch
+        rows = [_with_mask(row) for row in rows]
+        return {key: _pad([row[key] for row in rows], values.get(key, 0), side) for key in rows[0]}
 
 
-def _pad(sequences: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence; returns the padded ids and the 0/1 mask of real positions."""
+def _with_mask(row: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The row's inputs; ``attention_mask`` marks the real tokens of ``input_ids`` where the row has none."""
+    if "attention_mask" in row:
+        return row
+    return {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), **row}
+
+
+def _pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    """Pad to the longest sequence, on the right (training) or on the left (generation prompts)."""
     length = max(len(sequence) for sequence in sequences)
     ids = torch.full((len(sequences), length), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
-    return ids, mask
+        if sequence:
+            target = slice(length - len(sequence), length) if side == "left" else slice(0, len(sequence))
+            ids[row, target] = torch.tensor(sequence, dtype=torch.long)
+    return ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 
@@ -105,3 +106,45 @@ def _first_tensor(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     return next(value for value in output.values() if isinstance(value, torch.Tensor))
+
+
+@contextlib.contextmanager
+def shared_image_features(
+    model: torch.nn.Module, inputs: dict, image_group: torch.Tensor, layout, feature_module: torch.nn.Module | None
+):
+    """Inputs of a grouped batch whose image features are computed once per image and used by each of its
+    captions, the way the layout's family takes them (``layout.grouping_by``). ``model`` is the model (PEFT or
+    plain) without DDP's wrapper; ``feature_module`` is its family's ``image_feature_module``."""
+    if layout.grouping_by == "encoder_outputs":
+        yield with_image_features(model, inputs, image_group, layout)
+    else:
+        with expand_image_features(feature_module, image_group):
+            yield inputs
+
+
+def with_image_features(model: torch.nn.Module, inputs: dict, image_group: torch.Tensor, layout) -> dict:
+    """``inputs`` of a grouped batch (images once, rows pointing at them by ``image_group``) rewritten for a model
+    that accepts precomputed image features (``mm_encoder_outputs``, the chat VLMs): ``get_image_features`` runs once
+    per image, its per-image features are repeated for each caption row, and the layout's ``row_image_keys`` (Qwen's
+    ``image_grid_thw``, which the rotary positions read per placeholder) are given per row. Gradients flow back
+    through the repetition, summed over the captions of an image."""
+    inputs = dict(inputs)
+    images = {key: inputs.pop(key) for key in layout.image_input_keys}
+    features = model.get_image_features(**images, return_dict=True)
+    group = image_group.to(images["pixel_values"].device)
+    inputs["mm_encoder_outputs"] = {"image": _repeat_per_row(features, group.tolist())}
+    for key in layout.row_image_keys:
+        inputs[key] = images[key].index_select(0, group.to(images[key].device))
+    return inputs
+
+
+def _repeat_per_row(features, rows: list[int]):
+    """A copy of ``get_image_features``' output whose per-image sequences (``pooler_output``; Qwen3-VL's
+    ``deepstack_features``, one per layer) hold each row's image, in row order."""
+    repeated = copy.copy(features)
+    for key, value in features.items():
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            repeated[key] = tuple(value[row] for row in rows)
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):
+            repeated[key] = [tuple(per_image[row] for row in rows) for per_image in value]
+    return repeated

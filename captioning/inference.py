@@ -176,7 +176,8 @@ class Captioner:
             inputs = {key: value.to(self.device) for key, value in generation_inputs(batch).items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             sequences = self.model.generate(**inputs, **kwargs)
-        return self.layout.decode(sequences.cpu(), self.processor.tokenizer)
+            tokens = self.layout.caption_tokens(sequences, inputs["input_ids"])
+        return self.layout.decode_captions(tokens.cpu(), self.processor.tokenizer)
 
     def generation_settings(self, **overrides) -> dict:
         """The run's generation settings with ``overrides`` (None values ignored) on top.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -42,9 +43,17 @@ class CaptionLayout:
     image_token_id: int | None = None
     num_image_tokens: int = 0
     caption_prefix: str = ""  # text put before each caption so that it tokenizes as a continuation of the prompt
-    # False where captions of one image cannot share one image pass (captioning/grouping.py): the model itself splits
-    # its image features per row by the number of images it was given (SmolVLM / Idefics3).
+    # False where captions of one image cannot share one image pass (captioning/grouping.py).
     image_grouping: bool = True
+    # How grouped batches share an image's features (captioning/grouping.py): "hook" repeats the output of the
+    # family's image_feature_module for each caption (BLIP, BLIP-2, Florence-2, PaliGemma); "encoder_outputs" runs
+    # the model's get_image_features once per image and hands its per-image features, repeated, to the forward as
+    # ``mm_encoder_outputs`` (chat VLMs, whose features are split per image inside the model).
+    grouping_by: str = "hook"
+    # The image processor's outputs a batch carries (Qwen adds image_grid_thw), and among them those the language
+    # side also reads once per image placeholder (rows of grouped batches get their image's entry).
+    image_input_keys: tuple[str, ...] = ("pixel_values",)
+    row_image_keys: tuple[str, ...] = ()
 
     @property
     def image_tokens(self) -> list[int]:
@@ -68,8 +77,14 @@ class CaptionLayout:
             return self.generation_prompt(), caption
         return prefix + caption, [IGNORE_INDEX] * len(prefix) + caption
 
-    def training_row(self, caption_ids: Sequence[int]) -> dict[str, list[int]]:
-        """Every token-level input of one training row, before padding (``attention_mask`` is added by padding)."""
+    def image_token_counts(self, image_inputs: dict) -> list[int] | None:
+        """Image placeholder tokens of each image of a batch's ``image_inputs``, where they vary with the image
+        (Qwen's dynamic resolution); None where every image gets ``num_image_tokens``."""
+        return None
+
+    def training_row(self, caption_ids: Sequence[int], num_image_tokens: int | None = None) -> dict[str, list[int]]:
+        """Every token-level input of one training row, before padding (``attention_mask`` is added by padding).
+        ``num_image_tokens``: this row's image placeholders, from ``image_token_counts`` (None: fixed)."""
         input_ids, labels = self.training_sequence(caption_ids)
         return {"input_ids": input_ids, "labels": labels}
 
@@ -83,8 +98,9 @@ class CaptionLayout:
             return [*self.image_tokens, self.bos_id, *prompt]
         return [*self.image_tokens, *prompt, self.eos_id]
 
-    def generation_row(self) -> dict[str, list[int]]:
-        """Every token-level input ``generate`` gets for one image (the same for every image)."""
+    def generation_row(self, num_image_tokens: int | None = None) -> dict[str, list[int]]:
+        """Every token-level input ``generate`` gets for one image (the same for every image of a fixed-size
+        layout; generation batches are left-padded where rows differ)."""
         prompt = self.generation_prompt()
         return {"input_ids": prompt, "attention_mask": [1] * len(prompt)}
 
@@ -101,13 +117,22 @@ class CaptionLayout:
             return self.num_image_tokens + 1 + len(self.prompt_ids)
         return 0
 
-    def decode(self, sequences, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """Captions from ``generate`` outputs (rows may be right-padded with -100 or the pad id)."""
+    def caption_tokens(self, sequences: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The positions of ``generate``'s output after those that repeat the prompt, for a batch whose prompt was
+        ``input_ids`` (a left-padded batch of prompts of different lengths is cut at its width)."""
+        return sequences[:, self.generated_prefix_length :]
+
+    def decode_captions(self, tokens, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Captions from ``caption_tokens`` rows (which may be right-padded with -100 or the pad id)."""
         captions = []
-        for row in sequences:
-            ids = [int(token) for token in list(row)[self.generated_prefix_length :] if int(token) >= 0]
+        for row in tokens:
+            ids = [int(token) for token in list(row) if int(token) >= 0]
             captions.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
         return captions
+
+    def decode(self, sequences, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Captions from whole ``generate`` outputs of a fixed-size layout's prompts."""
+        return self.decode_captions([list(row)[self.generated_prefix_length :] for row in sequences], tokenizer)
 
 
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[tuple[int, ...], str]:

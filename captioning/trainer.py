@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -22,7 +21,7 @@ from captioning.checkpoints import rotate_run_checkpoints
 from captioning.data import CaptionImages, CaptionPairs
 from captioning.distributed import run_on_main
 from captioning.families import ModelFamily
-from captioning.grouping import ImageGroupedBatchSampler, expand_image_features
+from captioning.grouping import ImageGroupedBatchSampler, shared_image_features
 from captioning.layout import IGNORE_INDEX, CaptionLayout
 from captioning.outputs import write_json, write_text_atomic
 from captioning.run_dir import new_run_id, staging_dir, swap_in_final_model
@@ -95,8 +94,13 @@ class CaptioningTrainer(Seq2SeqTrainer):
         image_group = inputs.pop("image_group", None)
         if image_group is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with expand_image_features(self.image_feature_module, image_group):
+        with self.shared_image_features(model, inputs, image_group) as inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def shared_image_features(self, model, inputs: dict, image_group: torch.Tensor):
+        return shared_image_features(
+            self.accelerator.unwrap_model(model), inputs, image_group, self.layout, self.image_feature_module
+        )
 
     def get_train_dataloader(self):
         if isinstance(self.train_dataset, datasets.IterableDataset):
@@ -202,7 +206,8 @@ class CaptioningTrainer(Seq2SeqTrainer):
             return None, self.token_losses(model, self._prepare_inputs(inputs)), None
         inputs = self._prepare_inputs(inputs)
         image_index = inputs.pop("image_index")
-        generated = self.generate_captions(inputs)
+        # Cut here, per batch: prompts (left-padded) may differ in length from one batch to the next.
+        generated = self.layout.caption_tokens(self.generate_captions(inputs), inputs["input_ids"])
         return None, generated, image_index
 
     def token_losses(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -213,14 +218,13 @@ class CaptioningTrainer(Seq2SeqTrainer):
         """
         inputs = dict(inputs)
         image_group = inputs.pop("image_group", None)
-        grouping = (
-            expand_image_features(self.image_feature_module, image_group)
-            if image_group is not None
-            else contextlib.nullcontext()
-        )
-        with torch.no_grad(), self.compute_loss_context_manager(), grouping:
-            logits = model(**inputs).logits
         labels = inputs["labels"]
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if image_group is None:
+                logits = model(**inputs).logits
+            else:
+                with self.shared_image_features(model, inputs, image_group) as grouped:
+                    logits = model(**grouped).logits
         if self.layout.predicts_next_token:  # position t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
@@ -263,7 +267,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         """Decode the gathered generations and put them in dataset order: exactly one caption per image."""
         captions: list[str | None] = [None] * num_images
         for caption, index in zip(
-            self.layout.decode(sequences, self.processing_class.tokenizer),
+            self.layout.decode_captions(sequences, self.processing_class.tokenizer),
             np.asarray(image_index).reshape(-1),
             strict=True,
         ):

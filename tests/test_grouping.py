@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from captioning.arguments import LoraArguments, ModelArguments
 from captioning.families import detect_family
-from captioning.grouping import ImageGroupedBatchSampler, expand_image_features, unique_images
+from captioning.grouping import ImageGroupedBatchSampler, shared_image_features, unique_images
 from captioning.modeling import image_feature_module, load_model, vision_tower_frozen
 from collators import CaptionCollator, build_layout
 
@@ -31,11 +31,14 @@ def test_unique_images_maps_rows_to_first_occurrences():
     assert group.tolist() == [0, 1, 0, 2, 1, 0]
 
 
-@pytest.mark.parametrize("family", ["blip", "blip2-opt", "blip2-t5", "florence2", "paligemma"])
-def test_grouped_loss_and_gradients_equal_ungrouped(tiny_models, family):
-    """Captions of one image share one pass of the image side (up to the family's image_feature_module), repeated
-    for each caption row: the loss and every LoRA gradient equal those of one image pass per row."""
-    path = tiny_models[family]
+@pytest.mark.parametrize(
+    "fixture", ["tiny_blip", "tiny_blip2_opt", "tiny_blip2_t5", "tiny_florence2", "tiny_paligemma", "tiny_smolvlm"]
+)
+def test_grouped_loss_and_gradients_equal_ungrouped(request, fixture):
+    """Captions of one image share one pass of the image side (up to the family's image_feature_module, or the
+    chat VLMs' get_image_features), repeated for each caption row: the loss and every LoRA gradient equal those of
+    one image pass per row."""
+    path = request.getfixturevalue(fixture)
     config = AutoConfig.from_pretrained(path)
     fam = detect_family(config)
     torch.manual_seed(0)
@@ -61,7 +64,7 @@ def test_grouped_loss_and_gradients_equal_ungrouped(tiny_models, family):
         if group is None:
             loss = model(**batch).loss
         else:
-            with expand_image_features(image_feature_module(model, fam), group):
+            with shared_image_features(model, batch, group, layout, image_feature_module(model, fam)) as batch:
                 loss = model(**batch).loss
         loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -1,6 +1,6 @@
 """SmolVLM2 as a family (captioning/families/smolvlm.py): the collator's rows are the processor's own chat-template
 conversations (the caption as the assistant's answer), the loss is next-token cross-entropy over the caption and
-its <end_of_utterance>, generation starts where training does, image grouping changes nothing (tests/test_grouping.py)
+its <end_of_utterance>, generation starts where training does, image grouping shares features (tests/test_grouping.py)
 and main() trains a LoRA adapter, evaluates, captions and writes the card."""
 
 from __future__ import annotations
@@ -159,14 +159,14 @@ def test_a_truncated_caption_keeps_its_end_of_utterance(tiny_smolvlm):
     assert learnt == tok.convert_tokens_to_ids(["the", "green", "<end_of_utterance>"])
 
 
-def test_captions_of_an_image_are_not_grouped(tiny_smolvlm):
-    """SmolVLM splits the connector's output per row of pixel_values, so the collator keeps one image per row even
-    when asked to group (the loss is then the ungrouped one by construction)."""
+def test_grouped_batches_hold_each_image_once_and_share_its_features(tiny_smolvlm):
+    """SmolVLM splits the connector's output per row of pixel_values inside the model, so grouped batches hand it
+    each image's features as mm_encoder_outputs (equal loss and gradients: tests/test_grouping.py)."""
     _, _, layout, collator = setup(tiny_smolvlm, group_images=True)
-    assert layout.image_grouping is False and collator.group_images is False
+    assert layout.image_grouping and layout.grouping_by == "encoder_outputs" and collator.group_images
     rows = [{**row, "image_index": 0} for row in training_rows(IMAGES[:1] * 2)]
     batch = collator(rows)
-    assert "image_group" not in batch and batch["pixel_values"].shape[:2] == (2, 1)
+    assert batch["image_group"].tolist() == [0, 0] and batch["pixel_values"].shape[:2] == (1, 1)
 
 
 # --- loss and the first generated token -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class PrefixLMLayout(CaptionLayout):
         caption = [*caption_ids, self.eos_id]
         return self.prefix + caption, [IGNORE_INDEX] * len(self.prefix) + caption
 
-    def training_row(self, caption_ids: Sequence[int]) -> dict[str, list[int]]:
+    def training_row(self, caption_ids: Sequence[int], num_image_tokens: int | None = None) -> dict[str, list[int]]:
         input_ids, labels = self.training_sequence(caption_ids)
         types = [PREFIX] * len(self.prefix) + [SUFFIX] * (len(input_ids) - len(self.prefix))
         return {"input_ids": input_ids, "token_type_ids": types, "labels": labels}
@@ -45,7 +45,7 @@ class PrefixLMLayout(CaptionLayout):
     def generation_prompt(self) -> list[int]:
         return self.prefix
 
-    def generation_row(self) -> dict[str, list[int]]:
+    def generation_row(self, num_image_tokens: int | None = None) -> dict[str, list[int]]:
         prompt = self.prefix
         return {"input_ids": prompt, "attention_mask": [1] * len(prompt), "token_type_ids": [PREFIX] * len(prompt)}
 

@@ -92,9 +92,9 @@ def build_layout(config: PretrainedConfig, processor, prompt: str = DEFAULT_PROM
         num_image_tokens=int(sum(1 for i in encoded["input_ids"][0] if i == config.image_token_id)),
         caption_prefix=caption_prefix,
         suffix_ids=tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"]),
-        # get_image_features splits the connector's output by the images of each row of pixel_values, so features
-        # computed once per image cannot be repeated for its captions: every row gets its own image pass.
-        image_grouping=False,
+        # The model splits the connector's output per row of pixel_values: grouped batches hand it each image's
+        # features, computed once, as mm_encoder_outputs (captioning/grouping.py).
+        grouping_by="encoder_outputs",
     )
 
 
