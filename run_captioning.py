@@ -28,7 +28,7 @@ from captioning.arguments import Arguments, parse_args, validate_args
 from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
 from captioning.distributed import end_processes, run_on_main
-from captioning.families import ModelFamily, detect_family
+from captioning.families import ModelFamily, check_image_flags, detect_family
 from captioning.hub import check_push_config, push_output_dir
 from captioning.image_cache import ImageCache, build_image_cache
 from captioning.model_card import adapted_module_names, build_card_context, count_split_sizes, write_model_card
@@ -130,6 +130,7 @@ def check_configuration(args: Arguments) -> RunPlan:
     check_adapter_args(args.model, args.lora)
     config = load_config(args.model)
     family = detect_family(config)
+    check_image_flags(family, args.data)
     check_label_smoothing(family, training.label_smoothing_factor)
     run_id = start_run(training, input_paths(args))
     set_seed(training.seed)
@@ -162,10 +163,17 @@ def load_data(args: Arguments) -> dict:
     return splits if train is None else {"train": train, **splits}
 
 
-def preprocess_images(args: Arguments, splits: dict, image_processor) -> dict[str, ImageCache]:
+def preprocess_images(args: Arguments, splits: dict, image_processor, family: ModelFamily) -> dict[str, ImageCache]:
     """Resized uint8 pixels of the training and validation images, computed once (the main process builds them,
     the others then open them; a failure of the main process stops them all with its message)."""
     if not args.data.preprocess_images or args.data.streaming:
+        return {}
+    if not family.fixed_image_size:
+        logger.info(
+            "%s keeps each image at its own size (within --min_pixels / --max_pixels): no preprocessing cache, "
+            "images are decoded and resized as batches are built.",
+            family.label,
+        )
         return {}
 
     def build() -> dict[str, ImageCache]:
@@ -199,11 +207,13 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
     """Processor, model (LoRA / k-bit / full), collator, and the CaptioningTrainer around them."""
     training, family = args.training, plan.family
     processor = load_processor(args.model)
+    if family.configure_processor is not None:  # --image_splitting, --min_pixels / --max_pixels
+        family.configure_processor(processor, args.data)
     caption_prompt = family.prompt(args.data.caption_prompt)  # --caption_prompt, else the family's default
     # The layout first: a family may set processor options there (SmolVLM turns image splitting off) that the
     # preprocessed images must already follow.
     layout = build_layout(family, plan.config, processor, caption_prompt)
-    caches = preprocess_images(args, splits, processor.image_processor)
+    caches = preprocess_images(args, splits, processor.image_processor, family)
     model = load_model(args.model, args.lora, plan.config, family)
     apply_label_smoothing(model, family, training.label_smoothing_factor)
     training.label_smoothing_factor = 0.0  # applied inside BLIP's loss, where the logits are aligned

@@ -186,6 +186,29 @@ class DataArguments:
     max_caption_length: int = field(
         default=64, metadata={"help": "Caption tokens kept per training row (prompt and special tokens not counted)."}
     )
+    image_splitting: bool = field(
+        default=False,
+        metadata={
+            "help": "SmolVLM / Idefics3: also encode the image as tiles of the processor's longest_edge, as the chat "
+            "checkpoints do for documents (about 5x the image tokens). Off: one global image per picture, the "
+            "captioning default."
+        },
+    )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen2.5-VL / Qwen3-VL: the least pixels an image is resized to (keeping its aspect ratio). "
+            "Default: 4 visual tokens' worth (Qwen2.5-VL 3136 = 4 x 28 x 28; Qwen3-VL 4096 = 4 x 32 x 32)."
+        },
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen2.5-VL / Qwen3-VL: the most pixels an image is resized to, which bounds its visual tokens "
+            "(one per 28 x 28 pixels for Qwen2.5-VL, 32 x 32 for Qwen3-VL). Default: 256 tokens' worth (200704 / "
+            "262144), about a 448 x 448 picture."
+        },
+    )
     caption_prompt: str | None = field(
         default=None,
         metadata={

@@ -122,3 +122,17 @@ def test_unsupported_model_type_is_a_clear_error():
 
     with pytest.raises(ValueError, match="not a captioner"):
         detect_family(BertConfig())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "readers"),
+    [("min_pixels", 3136, "Qwen"), ("max_pixels", 200704, "Qwen"), ("image_splitting", True, "SmolVLM")],
+)
+def test_an_image_flag_of_another_family_is_refused_naming_the_flag_and_who_reads_it(tiny_blip, flag, value, readers):
+    from captioning.arguments import DataArguments
+    from captioning.families import check_image_flags
+
+    family = detect_family(AutoConfig.from_pretrained(tiny_blip))
+    check_image_flags(family, DataArguments())  # the defaults are fine for every family
+    with pytest.raises(ValueError, match=rf"--{flag} applies to [^.]*{readers}[^.]*, not to BLIP.*leave it out"):
+        check_image_flags(family, DataArguments(**{flag: value}))

@@ -25,6 +25,7 @@ __all__ = [
     "PALIGEMMA",
     "SMOLVLM",
     "check_config_json",
+    "check_image_flags",
     "detect_family",
 ]
 
@@ -46,3 +47,17 @@ def check_config_json(config: dict, source: str = "") -> None:
     for family in FAMILIES:
         if family.check_config_json is not None:
             family.check_config_json(config, source)
+
+
+IMAGE_FLAG_DEFAULTS = {"image_splitting": False, "min_pixels": None, "max_pixels": None}
+
+
+def check_image_flags(family: ModelFamily, data_args) -> None:
+    """A family-specific image flag given for a family that does not read it is an error, not silently ignored."""
+    for name, default in IMAGE_FLAG_DEFAULTS.items():
+        if getattr(data_args, name, default) != default and name not in family.image_flags:
+            readers = ", ".join(f.label for f in FAMILIES if name in f.image_flags) or "no family"
+            raise ValueError(
+                f"--{name} applies to {readers}, not to {family.label} (the checkpoint given by "
+                f"--model_name_or_path): leave it out."
+            )

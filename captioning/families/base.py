@@ -41,6 +41,13 @@ class ModelFamily:
     check_config_json: Callable[[dict, str], None] | None = None
     # More keyword arguments of the snippet's `generate` call, as Python (e.g. PaliGemma's token_type_ids).
     snippet_generate_kwargs: str = ""
+    # (processor, data arguments) -> sets the image processor's options from the family's flags (--image_splitting,
+    # --min_pixels / --max_pixels) before the layout, the image cache and the saved processor use them; raises for
+    # an unusable value. Flags of other families are refused by check_image_flags.
+    configure_processor: Callable[[object, object], None] | None = None
+    image_flags: tuple[str, ...] = ()  # the image-processor flags of DataArguments this family reads
+    # False where images keep their own size (Qwen's dynamic resolution): no fixed-size uint8 preprocessing cache.
+    fixed_image_size: bool = True
 
     def prompt(self, caption_prompt: str | None) -> str:
         """The caption prompt of a run: ``--caption_prompt`` if given, else the family's default."""
