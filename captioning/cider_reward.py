@@ -22,7 +22,7 @@ SIGMA = 6.0
 
 
 def ngram_counts(tokens: Sequence[str], max_n: int = MAX_N) -> Counter:
-    """Every n-gram of 1..max_n words (as a tuple) with its count."""
+    """Every n-gram of 1..max_n words (as a tuple) with its count (the definition the arrays below implement)."""
     counts: Counter = Counter()
     for n in range(1, max_n + 1):
         for start in range(len(tokens) - n + 1):
@@ -30,14 +30,44 @@ def ngram_counts(tokens: Sequence[str], max_n: int = MAX_N) -> Counter:
     return counts
 
 
+class _Tokens:
+    """Captions as one flat array of word ids: ``words[i]`` belongs to caption ``caption[i]``. Words outside
+    ``vocabulary`` get ids after it (the same word, the same id)."""
+
+    def __init__(self, captions: Sequence[str], vocabulary: dict[str, int]):
+        unknown: dict[str, int] = {}
+        words: list[int] = []
+        lengths = np.zeros(len(captions), dtype=np.int64)
+        for k, caption in enumerate(captions):
+            tokens = caption.split()
+            lengths[k] = len(tokens)
+            for token in tokens:
+                index = vocabulary.get(token)
+                words.append(index if index is not None else unknown.setdefault(token, len(vocabulary) + len(unknown)))
+        self.words = np.asarray(words, dtype=np.int64)
+        self.caption = np.repeat(np.arange(len(captions)), lengths)
+        self.count = len(captions)
+
+    def ngram_starts(self, n: int) -> np.ndarray:
+        """Positions where an n-gram within one caption starts."""
+        starts = np.arange(max(len(self.words) - n + 1, 0))
+        return starts[self.caption[starts] == self.caption[starts + n - 1]]
+
+
+def _pair_keys(prefix: np.ndarray, word: np.ndarray) -> np.ndarray:
+    """One int64 per (id of an n-gram's first n-1 words, id of its last word); both are below 2**31."""
+    return (prefix << 32) | word
+
+
 class _Vectors:
-    """Sparse tf-idf vectors of many captions, flat: entry ``k`` is n-gram ``ids[k]`` (order ``orders[k]``, 0-based)
-    of caption ``owner[k]`` with weight ``weights[k]``; per caption its norm per order and its bigram count."""
+    """Sparse tf-idf vectors of many captions, flat and sorted by caption: entry ``k`` is corpus n-gram ``ids[k]``
+    (order ``orders[k]``, 0-based) of caption ``owner[k]`` with weight ``weights[k]``; per caption its norm per order
+    (n-grams outside the corpus included) and its bigram count."""
 
     def __init__(self, ids, weights, orders, owner, norms, bigrams):
         self.ids, self.weights, self.orders, self.owner = ids, weights, orders, owner
         self.norms, self.bigrams = norms, bigrams
-        self.starts = np.searchsorted(owner, np.arange(len(norms) + 1))  # owner is sorted: caption c is a slice
+        self.starts = np.searchsorted(owner, np.arange(len(norms) + 1))  # caption c: entries starts[c]:starts[c+1]
 
 
 class CiderD:
@@ -46,6 +76,10 @@ class CiderD:
     ``references[i]`` are image ``i``'s reference captions (raw text, tokenized here as the COCO protocol does, or
     already tokenized with ``tokenized=True``); their document frequencies and ``log(len(references))`` are those of
     every score. ``scores(captions, images)`` gives caption ``k``'s CIDEr-D against ``references[images[k]]``.
+
+    N-grams are numbered once, from the references: a unigram is its word's id; an n-gram of order n is its
+    (first n-1 words' n-gram, last word) pair, looked up in the sorted pairs of the corpus (``pair_keys[n]``) and
+    numbered after every shorter n-gram.
     """
 
     def __init__(self, references: Sequence[Sequence[str]], *, tokenized: bool = False, sigma: float = SIGMA):
@@ -55,49 +89,77 @@ class CiderD:
         if not tokenized:
             tokenized_refs = tokenize_captions({i: list(refs) for i, refs in enumerate(references)})
             references = [tokenized_refs[i] for i in range(len(references))]
-        counts = [[ngram_counts(ref.split()) for ref in refs] for refs in references]
-        self.vocabulary: dict[tuple[str, ...], int] = {}
-        document_frequency: Counter = Counter()
-        for refs in counts:
-            seen = {ngram for ref in refs for ngram in ref}
-            document_frequency.update(seen)
-            for ngram in seen:
-                self.vocabulary.setdefault(ngram, len(self.vocabulary))
+        flat = [ref for refs in references for ref in refs]
+        self.first_ref = np.cumsum([0] + [len(refs) for refs in references])  # image i: first_ref[i]:first_ref[i+1]
+        self.words = {word: i for i, word in enumerate(dict.fromkeys(word for ref in flat for word in ref.split()))}
+        tokens = _Tokens(flat, self.words)
+        self.pair_keys: dict[int, np.ndarray] = {}
+        self.first_id = {1: 0}
+        previous, next_id = tokens.words, len(self.words)
+        for n in range(2, MAX_N + 1):
+            starts = tokens.ngram_starts(n)
+            keys = _pair_keys(previous[starts], tokens.words[starts + n - 1])
+            self.pair_keys[n], self.first_id[n] = np.unique(keys), next_id
+            next_id += len(self.pair_keys[n])
+            previous = np.full(len(tokens.words), -1, dtype=np.int64)
+            previous[starts] = self.first_id[n] + np.searchsorted(self.pair_keys[n], keys)
+        self.num_ngrams = next_id
         self.ref_len = float(np.log(len(references)))
-        df = np.ones(len(self.vocabulary))
-        for ngram, index in self.vocabulary.items():
-            df[index] = document_frequency[ngram]
-        self.idf = self.ref_len - np.log(np.maximum(df, 1.0))
-        self.first_ref = np.cumsum([0] + [len(refs) for refs in counts])  # image i: references first_ref[i]:[i+1]
-        self.refs = self._vectors([ref for refs in counts for ref in refs])
+        ids, _, owner, _ = self._ngrams(tokens)
+        image = np.repeat(np.arange(len(references)), np.diff(self.first_ref))[owner]
+        in_images = np.unique(image * self.num_ngrams + ids) % self.num_ngrams  # each n-gram once per image
+        document_frequency = np.bincount(in_images, minlength=self.num_ngrams)
+        self.idf = self.ref_len - np.log(np.maximum(document_frequency, 1.0))
+        self.refs = self._vectors(tokens)
 
-    def _vectors(self, counts: Sequence[Counter]) -> _Vectors:
-        """tf-idf vectors of n-gram counts; n-grams outside the corpus weigh ``count * log(#images)`` (document
-        frequency 0, clamped to 1 as pycocoevalcap does) and only count in the norm, since no reference has them."""
-        ids, weights, orders, owner = [], [], [], []
-        norms = np.zeros((len(counts), MAX_N))
-        bigrams = np.zeros(len(counts))
-        for caption, ngrams in enumerate(counts):
-            for ngram, count in ngrams.items():
-                order = len(ngram) - 1
-                index = self.vocabulary.get(ngram)
-                weight = count * (self.idf[index] if index is not None else self.ref_len)
-                norms[caption, order] += weight * weight
-                if order == 1:
-                    bigrams[caption] += count
-                if index is not None:
-                    ids.append(index)
-                    weights.append(weight)
-                    orders.append(order)
-                    owner.append(caption)
-        return _Vectors(
-            np.asarray(ids, dtype=np.int64),
-            np.asarray(weights, dtype=np.float64),
-            np.asarray(orders, dtype=np.int64),
-            np.asarray(owner, dtype=np.int64),
-            np.sqrt(norms),
-            bigrams,
-        )
+    def _ngrams(self, tokens: _Tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each distinct n-gram of each caption: its corpus id (-1 outside the corpus), order (0-based), caption and
+        count. Within a batch, identical n-grams share a raw id (pairs numbered by np.unique), so n-grams outside
+        the corpus are counted too."""
+        known_word = tokens.words < len(self.words)
+        known = np.where(known_word, tokens.words, -1)
+        raw = tokens.words
+        starts = np.arange(len(tokens.words))
+        parts = []
+        for n in range(1, MAX_N + 1):
+            if n > 1:
+                starts = tokens.ngram_starts(n)
+                last = tokens.words[starts + n - 1]
+                _, raw_ids = np.unique(_pair_keys(raw[starts], last), return_inverse=True)
+                keys = _pair_keys(np.maximum(known[starts], 0), last)
+                position = np.minimum(np.searchsorted(self.pair_keys[n], keys), max(len(self.pair_keys[n]) - 1, 0))
+                found = (known[starts] >= 0) & known_word[starts + n - 1]
+                if len(self.pair_keys[n]):
+                    found &= self.pair_keys[n][position] == keys
+                else:
+                    found[:] = False
+                raw = np.full(len(tokens.words), -1, dtype=np.int64)
+                raw[starts] = raw_ids
+                known = np.full(len(tokens.words), -1, dtype=np.int64)
+                known[starts] = np.where(found, self.first_id[n] + position, -1)
+            if len(starts) == 0:
+                continue
+            width = int(raw[starts].max()) + 1
+            _, first, counts = np.unique(
+                tokens.caption[starts] * width + raw[starts], return_index=True, return_counts=True
+            )
+            parts.append((known[starts][first], np.full(len(first), n - 1), tokens.caption[starts][first], counts))
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, empty
+        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+
+    def _vectors(self, tokens: _Tokens) -> _Vectors:
+        """tf-idf vectors; an n-gram outside the corpus weighs ``count * log(#images)`` (document frequency 0,
+        clamped to 1 as pycocoevalcap does) and only counts in the norm, since no reference has it."""
+        ids, orders, owner, counts = self._ngrams(tokens)
+        weights = counts * np.where(ids >= 0, self.idf[np.maximum(ids, 0)], self.ref_len)
+        norms = np.zeros((tokens.count, MAX_N))
+        np.add.at(norms, (owner, orders), weights * weights)
+        bigrams = np.bincount(owner[orders == 1], weights=counts[orders == 1], minlength=tokens.count)
+        keep = np.flatnonzero(ids >= 0)
+        keep = keep[np.argsort(owner[keep], kind="stable")]
+        return _Vectors(ids[keep], weights[keep], orders[keep], owner[keep], np.sqrt(norms), bigrams)
 
     def scores(self, captions: Sequence[str], images: Sequence[int], *, tokenized: bool = False) -> np.ndarray:
         """CIDEr-D of ``captions[k]`` against the references of image ``images[k]``, as float64 (K,)."""
@@ -109,7 +171,7 @@ class CiderD:
         if not tokenized:
             tokenized_captions = tokenize_captions({k: [caption] for k, caption in enumerate(captions)})
             captions = [tokenized_captions[k][0] for k in range(len(captions))]
-        hyp = self._vectors([ngram_counts(caption.split()) for caption in captions])
+        hyp = self._vectors(_Tokens(captions, self.words))
         # Every (caption, reference of its image) pair.
         refs_per_caption = self.first_ref[images + 1] - self.first_ref[images]
         pair_caption = np.repeat(np.arange(len(captions)), refs_per_caption)
@@ -125,7 +187,7 @@ class CiderD:
 
     def _clipped_overlap(self, hyp: _Vectors, pair_caption: np.ndarray, pair_ref: np.ndarray) -> np.ndarray:
         """``sum min(h, r) * r`` over the n-grams a pair's caption and reference share, per n-gram order."""
-        vocabulary = max(len(self.vocabulary), 1)
+        vocabulary = max(self.num_ngrams, 1)
         hyp_keys, hyp_entries = _pair_entries(hyp, pair_caption, vocabulary)
         ref_keys, ref_entries = _pair_entries(self.refs, pair_ref, vocabulary)
         _, in_hyp, in_ref = np.intersect1d(hyp_keys, ref_keys, assume_unique=True, return_indices=True)
