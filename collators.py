@@ -60,33 +60,39 @@ class CaptionCollator:
     def image_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """The image processor's outputs for the rows' images that the layout's batches carry (``pixel_values``;
         Qwen's ``image_grid_thw``)."""
+        return self.processed_images(rows)[0]
+
+    def processed_images(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], list | None]:
+        """``image_inputs`` and what each image's prompt depends on (``layout.image_token_counts``, read from all
+        the image processor returned: SmolVLM's tile grids are no model input)."""
         images = [row["image"] for row in rows]
         if isinstance(images[0], torch.Tensor):  # preprocessed once (captioning/image_cache.py): already resized
-            output = self.image_processor(images=images, do_resize=False, return_tensors="pt")
+            output = self.layout.process_images(self.image_processor, images, do_resize=False)
         else:
-            output = self.image_processor(images=images, return_tensors="pt")
+            output = self.layout.process_images(self.image_processor, images)
         inputs = {key: output[key] for key in self.layout.image_input_keys}
         pixels = inputs["pixel_values"]
         if pixels.dim() == 5 and pixels.shape[0] == 1 and pixels.shape[1] == len(images) > 1:
             # Image processors with a per-row image axis (Idefics3, SmolVLM) read a flat list as one row of many
             # images: give each row its own image, (B, 1, 3, H, W).
             inputs["pixel_values"] = pixels.transpose(0, 1).contiguous()
-        return inputs
+        return inputs, self.layout.image_token_counts({**output, **inputs})
 
     def pixel_values(self, rows: list[dict]) -> torch.Tensor:
         return self.image_inputs(rows)["pixel_values"]
 
     def collate_training(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         captions = [self.layout.caption_prefix + row["caption"] for row in rows]
-        caption_ids = self.tokenizer(
-            captions, add_special_tokens=False, truncation=True, max_length=self.max_caption_length
-        )["input_ids"]
+        # Cut here, not by the tokenizer's truncation: a fast tokenizer keeps truncation settings, and the processor
+        # saved with the run would then cut every later prompt (e.g. Qwen's hundreds of image tokens) to this length.
+        caption_ids = [
+            ids[: self.max_caption_length] for ids in self.tokenizer(captions, add_special_tokens=False)["input_ids"]
+        ]
         if self.group_images:
             first_rows, image_group = unique_images([row["image_index"] for row in rows])
-            images = self.image_inputs([rows[i] for i in first_rows])
+            images, counts = self.processed_images([rows[i] for i in first_rows])
         else:
-            image_group, images = None, self.image_inputs(rows)
-        counts = self.layout.image_token_counts(images)
+            image_group, (images, counts) = None, self.processed_images(rows)
         if counts is None:
             counts = [None] * len(rows)
         elif image_group is not None:
@@ -99,11 +105,15 @@ class CaptionCollator:
     def collate_generation(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Prompts of different lengths (images with different numbers of placeholders) are left-padded, so that
         every row's new tokens start at the same position."""
-        images = self.image_inputs(rows)
-        counts = self.layout.image_token_counts(images) or [None] * len(rows)
+        images, counts = self.processed_images(rows)
+        counts = counts or [None] * len(rows)
         prompts = self._pad_rows([self.layout.generation_row(n) for n in counts], side="left")
         image_index = torch.tensor([row["image_index"] for row in rows], dtype=torch.long)
         return {**images, **prompts, "image_index": image_index}
+
+    def pad_rows(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """Token rows built elsewhere (SCST's sampled captions, captioning/scst.py), right-padded as training rows."""
+        return self._pad_rows(rows)
 
     def _pad_rows(self, rows: list[dict[str, list[int]]], side: str = "right") -> dict[str, torch.Tensor]:
         """Pad every token-level input to the batch's longest row (``attention_mask`` padded with 0)."""

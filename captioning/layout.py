@@ -77,14 +77,20 @@ class CaptionLayout:
             return self.generation_prompt(), caption
         return prefix + caption, [IGNORE_INDEX] * len(prefix) + caption
 
-    def image_token_counts(self, image_inputs: dict) -> list[int] | None:
-        """Image placeholder tokens of each image of a batch's ``image_inputs``, where they vary with the image
-        (Qwen's dynamic resolution); None where every image gets ``num_image_tokens``."""
+    def process_images(self, image_processor, images: list, **kwargs) -> dict:
+        """The image processor's outputs for a batch's images, one image per row (``kwargs``: e.g. ``do_resize``).
+        A layout whose prompts depend on more than ``image_input_keys`` asks for it here (SmolVLM's tile grid)."""
+        return image_processor(images=images, return_tensors="pt", **kwargs)
+
+    def image_token_counts(self, image_inputs: dict) -> list | None:
+        """What each image's placeholders depend on, per image of a batch's ``image_inputs`` (all that
+        ``process_images`` returned), where they vary with the image: a count (Qwen's dynamic resolution) or a key
+        the layout maps to prompt ids (SmolVLM's tile grid); None where every image gets ``num_image_tokens``."""
         return None
 
     def training_row(self, caption_ids: Sequence[int], num_image_tokens: int | None = None) -> dict[str, list[int]]:
         """Every token-level input of one training row, before padding (``attention_mask`` is added by padding).
-        ``num_image_tokens``: this row's image placeholders, from ``image_token_counts`` (None: fixed)."""
+        ``num_image_tokens``: this row's image entry from ``image_token_counts`` (None: fixed)."""
         input_ids, labels = self.training_sequence(caption_ids)
         return {"input_ids": input_ids, "labels": labels}
 

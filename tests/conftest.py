@@ -17,8 +17,10 @@ from PIL import Image
 
 from captioning.arguments import to_argv
 from captioning.tiny_florence2 import build_tiny_florence2
+from captioning.tiny_idefics3 import build_tiny_idefics3
 from captioning.tiny_models import build_tiny_blip, build_tiny_blip2_opt, build_tiny_blip2_t5
 from captioning.tiny_paligemma import build_tiny_paligemma
+from captioning.tiny_qwen_vl import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
 from captioning.tiny_smolvlm import build_tiny_smolvlm
 from tests.photos import write_photo_folder
 
@@ -61,6 +63,24 @@ def tiny_paligemma(tmp_path_factory) -> Path:
 def tiny_smolvlm(tmp_path_factory) -> Path:
     """A tiny SmolVLM2 (Llama text model; image splitting off, 4 image tokens of 32x32 images)."""
     return build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3(tmp_path_factory) -> Path:
+    """A tiny Idefics3 (Llama text model; 4 image tokens per 32x32 image or tile; ships image splitting on)."""
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny-idefics3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-VL (Qwen2.5 text model; 14-pixel patches merged 2 x 2, 1 to 16 image tokens by image size)."""
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2-5-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory) -> Path:
+    """A tiny Qwen3-VL (Qwen3 text model, DeepStack; 16-pixel patches merged 2 x 2, 1 to 16 image tokens)."""
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))
 
 
 @pytest.fixture(scope="session")

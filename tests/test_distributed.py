@@ -71,19 +71,22 @@ def _env():
     return env
 
 
-# Per family: training long enough that captions are real words, so equal metrics mean something.
+# Per tiny checkpoint (its conftest fixture): training long enough that captions are real words, so equal metrics
+# mean something. A family joins by its fixture's name.
 TWO_PROCESS_TRAINING = {
-    "blip": dict(num_train_epochs=8, learning_rate=2e-2, lora_target_modules=["query", "key", "value", "dense"]),
-    "florence2": dict(
+    "tiny_blip": dict(num_train_epochs=8, learning_rate=2e-2, lora_target_modules=["query", "key", "value", "dense"]),
+    "tiny_florence2": dict(
         num_train_epochs=20, learning_rate=3e-3, use_lora=False
     ),  # LoRA on a 1-layer BART learns too little
-    "paligemma": dict(num_train_epochs=4, learning_rate=1e-2),  # token_type_ids reach generate, with beams
+    "tiny_paligemma": dict(num_train_epochs=4, learning_rate=1e-2),  # token_type_ids reach generate, with beams
+    # Chat template; captions of an image share one get_image_features pass (mm_encoder_outputs), with beams
+    "tiny_smolvlm": dict(num_train_epochs=4, learning_rate=1e-2),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(TWO_PROCESS_TRAINING))
-def test_two_processes_give_the_metrics_of_one(tiny_models, family, tmp_path):
+@pytest.mark.parametrize("fixture", sorted(TWO_PROCESS_TRAINING))
+def test_two_processes_give_the_metrics_of_one(request, fixture, tmp_path):
     """Trained on 2 processes, evaluated on 2 and on 1: the same captions and scores (7 images, batches of 2, so the
     last batch of the 2-process run is padded with duplicates)."""
     data = make_caption_folder(tmp_path / "data", num_images=23, captions_per_image=3)
@@ -100,9 +103,9 @@ def test_two_processes_give_the_metrics_of_one(tiny_models, family, tmp_path):
         "no",
         str(ROOT / "run_captioning.py"),
     ]
-    training = TWO_PROCESS_TRAINING[family]
+    training = TWO_PROCESS_TRAINING[fixture]
     flags = _flags(
-        tiny_models[family],
+        request.getfixturevalue(fixture),
         data,
         two,
         do_train=True,

@@ -32,7 +32,18 @@ def test_unique_images_maps_rows_to_first_occurrences():
 
 
 @pytest.mark.parametrize(
-    "fixture", ["tiny_blip", "tiny_blip2_opt", "tiny_blip2_t5", "tiny_florence2", "tiny_paligemma", "tiny_smolvlm"]
+    "fixture",
+    [
+        "tiny_blip",
+        "tiny_blip2_opt",
+        "tiny_blip2_t5",
+        "tiny_florence2",
+        "tiny_paligemma",
+        "tiny_smolvlm",
+        "tiny_idefics3",
+        "tiny_qwen2_5_vl",
+        "tiny_qwen3_vl",
+    ],
 )
 def test_grouped_loss_and_gradients_equal_ungrouped(request, fixture):
     """Captions of one image share one pass of the image side (up to the family's image_feature_module, or the
@@ -54,7 +65,9 @@ def test_grouped_loss_and_gradients_equal_ungrouped(request, fixture):
 
     plain = CaptionCollator(processor.image_processor, processor.tokenizer, layout)(rows)
     grouped = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=True)(rows)
-    assert plain["pixel_values"].shape[0] == 6 and grouped["pixel_values"].shape[0] == 3
+    # One entry per image (Qwen's pixel_values hold all images' patches in one sequence: count their grids).
+    images = "image_grid_thw" if "image_grid_thw" in plain else "pixel_values"
+    assert plain[images].shape[0] == 6 and grouped[images].shape[0] == 3
     assert grouped["image_group"].tolist() == [0, 1, 0, 2, 1, 0]
 
     def loss_and_grads(batch):

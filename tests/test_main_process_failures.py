@@ -19,6 +19,7 @@ import run_captioning
 from captioning import distributed, scan
 from captioning.arguments import parse_args, to_argv
 from captioning.distributed import MainProcessError, run_on_main
+from captioning.families import BLIP
 from captioning.trainer import CaptioningTrainer
 from tests.conftest import make_caption_folder
 
@@ -102,7 +103,7 @@ def test_an_image_cache_failure_of_the_main_process_stops_the_others(monkeypatch
     args = parse_args(to_argv(model_name_or_path="m", dataset_dir=caption_folder, output_dir=tmp_path, do_train=True))
     splits = {"train": datasets.Dataset.from_dict({"image": ["a.png"], "references": [["x"]], "image_id": ["a"]})}
     with pytest.raises(MainProcessError, match="Preprocessing the images: the main process failed.*9.0 GiB"):
-        run_captioning.preprocess_images(args, splits, image_processor=None)
+        run_captioning.preprocess_images(args, splits, image_processor=None, family=BLIP)
     assert built == []  # no process starts a cache of its own while the main one failed
 
 

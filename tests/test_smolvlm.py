@@ -1,28 +1,33 @@
 """SmolVLM2 as a family (captioning/families/smolvlm.py): the collator's rows are the processor's own chat-template
 conversations (the caption as the assistant's answer), the loss is next-token cross-entropy over the caption and
-its <end_of_utterance>, generation starts where training does, image grouping shares features (tests/test_grouping.py)
-and main() trains a LoRA adapter, evaluates, captions and writes the card."""
+its <end_of_utterance>, generation starts where training does, image grouping shares features (tests/test_grouping.py).
+With --image_splitting each image's tiles get their own prompt, still the processor's own, and a run captions at
+inference as in training. The end-to-end runs of the chat families are tests/test_chat_runs.py."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-from captioning.arguments import LoraArguments
+import caption_images
+from captioning.arguments import DataArguments, LoraArguments, ModelArguments
 from captioning.families import SMOLVLM, detect_family
 from captioning.families.smolvlm import DEFAULT_PROMPT, conversation
+from captioning.grouping import shared_image_features
 from captioning.image_cache import build_image_cache
 from captioning.images import load_image
+from captioning.inference import load_captioner
 from captioning.layout import IGNORE_INDEX
-from captioning.modeling import resolve_lora_targets
+from captioning.modeling import load_model, resolve_lora_targets
 from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
@@ -32,6 +37,7 @@ from tests.decoder_checks import (
     check_loss_is_next_token_cross_entropy,
     sharpen,
 )
+from tests.test_chat_runs import card_snippet, predictions, run_card_snippet
 
 NUM_IMAGE_TOKENS = 4  # the tiny checkpoint: (image 32 / patch 8)^2 / scale factor 2^2
 IMAGES = [Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("RGB", (30, 60), (10, 200, 10))]
@@ -65,6 +71,36 @@ def generation_rows(images=IMAGES):
     return [{"image": image, "image_index": i} for i, image in enumerate(images)]
 
 
+# --image_splitting: the tiny checkpoint's 32-pixel tiles, of images first resized to a longest edge of 64.
+SPLIT_EDGE = 64
+
+
+def noise(size: tuple[int, int], seed: int) -> Image.Image:
+    """An image whose tiles all differ (plain colours would give equal tiles)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+# A wide image is cut into 1 x 2 tiles, a tall one into 2 x 1, a square one into 2 x 2 (each plus its global image).
+SPLIT_IMAGES = [noise((60, 20), 0), noise((20, 60), 1), noise((40, 40), 2)]
+SPLIT_GRIDS = [(1, 2), (2, 1), (2, 2)]
+SPLIT_CAPTIONS = ["a red dog", "the green cat is on the grass", "a blue ball"]
+
+
+def split_processor(processor):
+    """``processor`` set up as ``--image_splitting`` does, images resized to SPLIT_EDGE first."""
+    processor.image_processor.size = {"longest_edge": SPLIT_EDGE}
+    SMOLVLM.configure_processor(processor, DataArguments(image_splitting=True))
+    return processor
+
+
+def split_setup(path, group_images=False):
+    processor = split_processor(AutoProcessor.from_pretrained(path))
+    layout = build_layout(SMOLVLM, AutoConfig.from_pretrained(path), processor)
+    collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=group_images)
+    return processor, layout, collator
+
+
 # --- the family record ---------------------------------------------------------------------------------------------
 
 
@@ -96,13 +132,34 @@ def test_shipped_lora_config_loads_with_the_family_defaults():
     assert training.bf16
 
 
-def test_image_splitting_is_turned_off(tiny_smolvlm):
+def test_image_splitting_follows_the_flag_not_what_the_checkpoint_ships(tiny_smolvlm, tmp_path):
     processor = AutoProcessor.from_pretrained(tiny_smolvlm)
+    config = AutoConfig.from_pretrained(tiny_smolvlm)
     processor.image_processor.do_image_splitting = True  # as the Hub checkpoints ship
-    build_layout(SMOLVLM, AutoConfig.from_pretrained(tiny_smolvlm), processor)
+    SMOLVLM.configure_processor(processor, DataArguments())
     assert processor.image_processor.do_image_splitting is False
-    pixels = processor.image_processor(images=[[image] for image in IMAGES], return_tensors="pt")["pixel_values"]
+    layout = build_layout(SMOLVLM, config, processor)
+    assert layout.grid_prompt_ids == () and layout.image_token_counts({}) is None
+    pixels = CaptionCollator(processor.image_processor, processor.tokenizer, layout).pixel_values(generation_rows())
     assert pixels.shape == (2, 1, 3, 32, 32)  # one global image per picture
+
+    split_processor(processor)
+    split = build_layout(SMOLVLM, config, processor)
+    # The tiny checkpoint's 32-pixel tiles of images resized to 64: up to 2 x 2 tiles, or the image kept whole.
+    assert [grid for grid, _ in split.grid_prompt_ids] == [(0, 0), (1, 1), (1, 2), (2, 1), (2, 2)]
+    assert split.prompt_ids == layout.prompt_ids == dict(split.grid_prompt_ids)[(0, 0)]
+    # The saved processor (output_dir, a merged model, a push) carries the setting to inference.
+    processor.save_pretrained(tmp_path / "saved")
+    saved = AutoProcessor.from_pretrained(tmp_path / "saved")
+    assert saved.image_processor.do_image_splitting is True
+    assert build_layout(SMOLVLM, config, saved) == split
+
+
+def test_a_processor_that_cannot_cut_tiles_is_refused_naming_the_flag(tiny_smolvlm):
+    processor = AutoProcessor.from_pretrained(tiny_smolvlm)
+    processor.image_processor.max_image_size = {"height": 32, "width": 32}
+    with pytest.raises(ValueError, match=r"--image_splitting: .*longest_edge.*leave --image_splitting out"):
+        SMOLVLM.configure_processor(processor, DataArguments(image_splitting=True))
 
 
 # --- batches -------------------------------------------------------------------------------------------------------
@@ -185,55 +242,6 @@ def test_first_generated_token_is_what_training_teaches_at_the_last_prompt_posit
     check_first_token_is_learnt_where_generate_predicts_it(model, layout, collator(training_rows()), prompt)
 
 
-# --- end to end: main() ---------------------------------------------------------------------------------------------
-
-
-def card_snippet(card: str) -> str:
-    return re.search(r"## How to use.*?```python\n(.*?)```", card, flags=re.S).group(1)
-
-
-def run_card_snippet(code: str, image_path: Path) -> str:
-    code = re.sub(r"^image_path = .*$", f"image_path = {json.dumps(str(image_path))}", code, count=1, flags=re.M)
-    namespace: dict = {}
-    exec(compile(code, "model card snippet", "exec"), namespace)
-    return namespace["caption"]
-
-
-def predictions_of(output: Path) -> dict[str, str]:
-    lines = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
-    return {line["image"]: line["prediction"] for line in lines}
-
-
-@pytest.mark.slow
-def test_lora_run_trains_evaluates_predicts_and_writes_a_card(tiny_smolvlm, caption_folder, tmp_path):
-    output = tmp_path / "out"
-    argv = tiny_run_argv(
-        tiny_smolvlm,
-        caption_folder,
-        output,
-        eval_baseline=True,
-        learning_rate=1e-2,
-        max_new_tokens=6,
-    )
-    results = main(argv)
-    for phase, prefix in (("baseline", "eval"), ("eval", "eval"), ("predict", "test")):
-        for key in ("bleu_4", "rouge_l", "cider", "loss"):
-            assert f"{prefix}_{key}" in results[phase], (phase, key)
-    assert results["train"]["train_loss"] > 0
-    assert results["eval"]["eval_loss"] < results["baseline"]["eval_loss"]
-    settings = json.loads((output / "captioning_config.json").read_text())
-    assert settings["family"] == "smolvlm" and settings["caption_prompt"] == DEFAULT_PROMPT
-    adapter = json.loads((output / "adapter_config.json").read_text())
-    assert adapter["target_modules"] and all("text_model" in name for name in adapter["target_modules"])
-    predictions = predictions_of(output)
-    assert len(predictions) == 3 and all(isinstance(caption, str) for caption in predictions.values())
-    card = (output / "README.md").read_text()
-    assert "smolvlm" in ModelCard(card).data.tags and "SmolVLM" in card
-    code = card_snippet(card)
-    for image, prediction in list(predictions.items())[:2]:
-        assert run_card_snippet(code, caption_folder / image) == prediction
-
-
 def test_the_image_cache_gives_the_pixel_values_of_the_real_size_photos(tiny_smolvlm, photo_folder, tmp_path):
     """Preprocessed once (one uint8 array per image, though SmolVLM's processor returns a row of images), the
     collator's pixel values equal those of the original photos, image splitting off as the layout sets it."""
@@ -264,3 +272,170 @@ def test_batched_beam_search_captions_each_image_as_alone(tiny_smolvlm):
     assert batched[0].tolist() != batched[1].tolist()  # the two images get different captions
     for row, single in enumerate(alone):
         assert batched[row].tolist() == single[0].tolist()
+
+
+# --- image splitting -----------------------------------------------------------------------------------------------
+
+
+def test_with_image_splitting_each_training_row_is_the_processors_conversation_for_its_image(tiny_smolvlm):
+    processor, layout, collator = split_setup(tiny_smolvlm)
+    batch = collator(training_rows(SPLIT_IMAGES, SPLIT_CAPTIONS))
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
+    tok = processor.tokenizer
+    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
+    length = batch["input_ids"].shape[1]
+    assert batch["pixel_values"].shape == (3, 5, 3, 32, 32)  # up to 2 x 2 tiles and the global image per row
+    for row, (image, caption, (rows, cols)) in enumerate(zip(SPLIT_IMAGES, SPLIT_CAPTIONS, SPLIT_GRIDS, strict=True)):
+        encoded = processor.apply_chat_template(
+            conversation(DEFAULT_PROMPT, image, caption), tokenize=True, return_dict=True
+        )
+        expected = [int(i) for i in encoded["input_ids"][0]]
+        prompt_ids = chat_ids(processor, image, DEFAULT_PROMPT)
+        assert expected[: len(prompt_ids)] == prompt_ids == layout.generation_row((rows, cols))["input_ids"]
+        assert prompt_ids.count(layout.image_token_id) == NUM_IMAGE_TOKENS * (rows * cols + 1)
+        pad = length - len(expected)
+        assert batch["input_ids"][row].tolist() == expected + [tok.pad_token_id] * pad
+        answer = tok(caption, add_special_tokens=False).input_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + answer + [eou] + [IGNORE_INDEX] * (1 + pad)
+        assert batch["labels"][row].tolist() == labels
+        # The processor's tiles, then its global image; rows with fewer are padded with all-zero images.
+        pixels = encoded["pixel_values"][0]
+        assert len(pixels) == rows * cols + 1
+        torch.testing.assert_close(batch["pixel_values"][row, : len(pixels)], pixels, atol=0, rtol=0)
+        assert not batch["pixel_values"][row, len(pixels) :].any()
+
+
+def test_with_image_splitting_generation_prompts_are_left_padded_and_captions_start_at_their_width(tiny_smolvlm):
+    processor, layout, collator = split_setup(tiny_smolvlm)
+    batch = collator(generation_rows(SPLIT_IMAGES))
+    tok = processor.tokenizer
+    width = batch["input_ids"].shape[1]
+    prompts = [chat_ids(processor, image, DEFAULT_PROMPT) for image in SPLIT_IMAGES]
+    # 2 x 2 tiles give the longest prompt; 2 x 1 one more "\n" (a row of tiles) than 1 x 2
+    assert width == len(prompts[2]) > len(prompts[1]) == len(prompts[0]) + 1
+    for row, prompt in enumerate(prompts):
+        pad = width - len(prompt)
+        assert batch["input_ids"][row].tolist() == [tok.pad_token_id] * pad + prompt
+        assert batch["attention_mask"][row].tolist() == [0] * pad + [1] * len(prompt)
+    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
+    answer = tok("a red dog", add_special_tokens=False).input_ids
+    generated = torch.cat([batch["input_ids"], torch.tensor([[*answer, eou]] * 3)], dim=1)
+    tokens = layout.caption_tokens(generated, batch["input_ids"])
+    assert layout.decode_captions(tokens, tok) == ["a red dog"] * 3
+
+
+def test_with_image_splitting_the_loss_is_next_token_cross_entropy_and_padding_images_change_nothing(tiny_smolvlm):
+    """Each row alone has no padding image: equal per-row losses show that get_image_features drops them."""
+    _, _, collator = split_setup(tiny_smolvlm)
+    model = SMOLVLM.model_class.from_pretrained(tiny_smolvlm).eval()
+    check_loss_is_next_token_cross_entropy(model, collator, training_rows(SPLIT_IMAGES, SPLIT_CAPTIONS))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_with_image_splitting_batched_generation_captions_each_image_as_alone(tiny_smolvlm, num_beams):
+    """Prompts of different lengths (left-padded) and rows of different numbers of tiles (zero-padded)."""
+    _, layout, collator = split_setup(tiny_smolvlm)
+    model = sharpen(SMOLVLM.model_class.from_pretrained(tiny_smolvlm).eval())
+    settings = dict(num_beams=num_beams, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        batch = collator(generation_rows(SPLIT_IMAGES))
+        batched = layout.caption_tokens(model.generate(**generation_inputs(batch), **settings), batch["input_ids"])
+        for row, image in enumerate(SPLIT_IMAGES):
+            alone = collator(generation_rows([image]))
+            single = layout.caption_tokens(model.generate(**generation_inputs(alone), **settings), alone["input_ids"])
+            assert batched[row].tolist() == single[0].tolist()
+    assert len({tuple(row) for row in batched.tolist()}) > 1  # the images get different captions
+
+
+def test_with_image_splitting_grouped_batches_give_the_loss_and_gradients_of_ungrouped_ones(tiny_smolvlm):
+    """Images of different tile counts, each once in a grouped batch: its features are shared by its captions."""
+    processor, layout, _ = split_setup(tiny_smolvlm)
+    config = AutoConfig.from_pretrained(tiny_smolvlm)
+    torch.manual_seed(0)
+    arguments = ModelArguments(model_name_or_path=str(tiny_smolvlm))
+    model = load_model(arguments, LoraArguments(lora_dropout=0.0), config, SMOLVLM)
+    model.eval()
+    for name, parameter in model.named_parameters():  # LoRA B starts at zero; make the adapters matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    order = [0, 1, 0, 2, 1]
+    rows = [
+        {"image": SPLIT_IMAGES[image], "caption": CAPTIONS[row % 2], "image_index": image}
+        for row, image in enumerate(order)
+    ]
+    plain = CaptionCollator(processor.image_processor, processor.tokenizer, layout)(rows)
+    grouped = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=True)(rows)
+    assert plain["pixel_values"].shape[:2] == (5, 5) and grouped["pixel_values"].shape[:2] == (3, 5)
+    assert torch.equal(grouped["input_ids"], plain["input_ids"])
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        batch = dict(batch)
+        group = batch.pop("image_group", None)
+        if group is None:
+            loss = model(**batch).loss
+        else:
+            with shared_image_features(model, batch, group, layout, None) as batch:
+                loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = loss_and_grads(plain)
+    grouped_loss, grouped_grads = loss_and_grads(grouped)
+    torch.testing.assert_close(grouped_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == grouped_grads.keys() and all(grad.abs().sum() > 0 for grad in plain_grads.values())
+    for name in plain_grads:
+        torch.testing.assert_close(grouped_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_image_cut_into_more_tiles_than_the_layout_knows_is_a_clear_error(tiny_smolvlm):
+    _, layout, _ = split_setup(tiny_smolvlm)
+    with pytest.raises(ValueError, match=r"3 x 3 grid of tiles.*build the layout after changing them"):
+        layout.training_row([5], (3, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_smolvlm_64(tiny_smolvlm, tmp_path_factory) -> Path:
+    """The tiny checkpoint with its processor resizing images to SPLIT_EDGE (not yet splitting: the flag does)."""
+    path = tmp_path_factory.mktemp("tiny-smolvlm-64")
+    shutil.copytree(tiny_smolvlm, path, dirs_exist_ok=True)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor.size = {"longest_edge": SPLIT_EDGE}
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_an_image_splitting_run_captions_at_inference_as_in_training(tiny_smolvlm_64, tmp_path, capsys):
+    """--image_splitting: no preprocessing cache; the saved processor splits, so caption_images.py and the card's
+    snippet give the run's predictions (images of three aspect ratios, batches mixing their grids)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    sizes = [(60, 20), (20, 60), (40, 40)]
+    rows = []
+    for i in range(12):
+        noise(sizes[i % 3], i).save(data / f"img_{i:02d}.png")
+        rows.append({"file_name": f"img_{i:02d}.png", "caption": [SPLIT_CAPTIONS[i % 3]]})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "out"
+    argv = tiny_run_argv(
+        tiny_smolvlm_64, data, output, image_splitting=True, learning_rate=1e-2, per_device_eval_batch_size=3
+    )
+    results = main(argv)
+    assert "no preprocessing cache" in capsys.readouterr().out
+    assert results["predict"]["test_samples"] == 3 and "test_cider" in results["predict"]
+    saved = AutoProcessor.from_pretrained(output).image_processor
+    assert saved.do_image_splitting is True and saved.size["longest_edge"] == SPLIT_EDGE
+    assert [grid for grid, _ in load_captioner(output, device="cpu").layout.grid_prompt_ids][-1] == (2, 2)
+
+    lines = predictions(output)
+    captions_file = tmp_path / "captions.jsonl"
+    images = [str(data / line["image"]) for line in lines]
+    caption_images.main(["--model", str(output), "--images", *images, "--output", str(captions_file)])
+    rows = [json.loads(row) for row in captions_file.read_text().splitlines()]
+    written = {Path(row["image"]).name: row["caption"] for row in rows}
+    assert written == {line["image"]: line["prediction"] for line in lines}
+    code = card_snippet((output / "README.md").read_text())
+    for line in lines:
+        caption = run_card_snippet(code, data / line["image"], MODEL_ID=output, BASE_ID=tiny_smolvlm_64)
+        assert caption == line["prediction"]

@@ -10,10 +10,23 @@ from captioning.families.base import ModelFamily
 from captioning.families.blip import BLIP
 from captioning.families.blip2 import BLIP2_OPT, BLIP2_T5
 from captioning.families.florence2 import FLORENCE2
+from captioning.families.idefics3 import IDEFICS3
 from captioning.families.paligemma import PALIGEMMA
+from captioning.families.qwen2_5_vl import QWEN2_5_VL
+from captioning.families.qwen3_vl import QWEN3_VL
 from captioning.families.smolvlm import SMOLVLM
 
-FAMILIES: tuple[ModelFamily, ...] = (BLIP, BLIP2_OPT, BLIP2_T5, FLORENCE2, PALIGEMMA, SMOLVLM)
+FAMILIES: tuple[ModelFamily, ...] = (
+    BLIP,
+    BLIP2_OPT,
+    BLIP2_T5,
+    FLORENCE2,
+    PALIGEMMA,
+    SMOLVLM,
+    IDEFICS3,
+    QWEN2_5_VL,
+    QWEN3_VL,
+)
 
 __all__ = [
     "BLIP",
@@ -21,8 +34,11 @@ __all__ = [
     "BLIP2_T5",
     "FAMILIES",
     "FLORENCE2",
+    "IDEFICS3",
     "ModelFamily",
     "PALIGEMMA",
+    "QWEN2_5_VL",
+    "QWEN3_VL",
     "SMOLVLM",
     "check_config_json",
     "check_image_flags",
