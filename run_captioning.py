@@ -26,6 +26,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from captioning.arguments import Arguments, parse_args, validate_args
 from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
+from captioning.cider_reward import CiderD
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
 from captioning.distributed import end_processes, run_on_main
 from captioning.families import ModelFamily, check_image_flags, detect_family
@@ -47,6 +48,7 @@ from captioning.outputs import write_captioning_config, write_predictions
 from captioning.plots import build_samples, plot_samples, plot_training_curves
 from captioning.run_dir import input_paths, start_run
 from captioning.scan import DataReport, scan_splits_once
+from captioning.scst import SelfCritic
 from captioning.streaming import load_streaming_splits
 from captioning.trainer import CaptioningTrainer, build_generation_kwargs
 from collators import CaptionCollator, build_layout
@@ -175,6 +177,13 @@ def preprocess_images(args: Arguments, splits: dict, image_processor, family: Mo
             family.label,
         )
         return {}
+    if getattr(image_processor, "do_image_splitting", False):
+        logger.info(
+            "--image_splitting: %s cuts each image into as many tiles as its aspect ratio needs, which one resized "
+            "image per picture cannot hold: no preprocessing cache, images are decoded and cut as batches are built.",
+            family.label,
+        )
+        return {}
 
     def build() -> dict[str, ImageCache]:
         return {
@@ -196,11 +205,41 @@ def preprocess_images(args: Arguments, splits: dict, image_processor, family: Mo
     return caches
 
 
-def training_dataset(train, cache: ImageCache | None) -> CaptionPairs | datasets.IterableDataset | None:
-    """Caption rows to train on: a view of the per-image split, or the stream itself."""
+def training_dataset(train, cache: ImageCache | None, images: bool = False):
+    """Caption rows to train on (a view of the per-image split, or the stream itself); with SCST the images."""
     if train is None or isinstance(train, datasets.IterableDataset):
         return train
-    return CaptionPairs(train, cache=cache)
+    return CaptionImages(train, cache) if images else CaptionPairs(train, cache=cache)
+
+
+def build_self_critic(args: Arguments, splits: dict, layout, collator, processor, model, family):
+    """--training_objective scst: the reward (CIDEr-D with the training split's document frequencies) and the
+    sampling settings (evaluation's max/min new tokens); None for cross-entropy."""
+    caption = args.caption
+    if caption.training_objective != "scst" or "train" not in splits:
+        return None
+    generation = build_generation_kwargs(caption, family)
+    end_ids = model.generation_config.eos_token_id
+    end_ids = [end_ids] if isinstance(end_ids, int) else list(end_ids or [])
+    logger.info(
+        "Self-critical training: %d samples per image, %s baseline, CIDEr-D rewards against %d training images' "
+        "references.",
+        caption.scst_samples,
+        caption.scst_baseline,
+        len(splits["train"]),
+    )
+    return SelfCritic(
+        reward=CiderD(CaptionImages(splits["train"]).references),
+        layout=layout,
+        tokenizer=processor.tokenizer,
+        pad_rows=collator.pad_rows,
+        samples=caption.scst_samples,
+        temperature=caption.scst_temperature,
+        baseline=caption.scst_baseline,
+        max_new_tokens=generation["max_new_tokens"],
+        min_new_tokens=generation["min_new_tokens"],
+        end_ids=tuple({layout.eos_id, *end_ids}),
+    )
 
 
 def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[CaptioningTrainer, torch.nn.Module]:
@@ -210,8 +249,7 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
     if family.configure_processor is not None:  # --image_splitting, --min_pixels / --max_pixels
         family.configure_processor(processor, args.data)
     caption_prompt = family.prompt(args.data.caption_prompt)  # --caption_prompt, else the family's default
-    # The layout first: a family may set processor options there (SmolVLM turns image splitting off) that the
-    # preprocessed images must already follow.
+    # The processor's options (set above) and the layout come before the preprocessing cache, which follows them.
     layout = build_layout(family, plan.config, processor, caption_prompt)
     caches = preprocess_images(args, splits, processor.image_processor, family)
     model = load_model(args.model, args.lora, plan.config, family)
@@ -228,10 +266,11 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
     collator = CaptionCollator(
         processor.image_processor, processor.tokenizer, layout, args.data.max_caption_length, group_images
     )
+    self_critic = build_self_critic(args, splits, layout, collator, processor, model, family)
     trainer = CaptioningTrainer(
         model=model,
         args=training,
-        train_dataset=training_dataset(splits.get("train"), caches.get("train")),
+        train_dataset=training_dataset(splits.get("train"), caches.get("train"), self_critic is not None),
         eval_dataset=CaptionImages(splits["validation"], caches.get("validation")) if "validation" in splits else None,
         data_collator=collator,
         processing_class=processor,
@@ -241,6 +280,7 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
         image_feature_module=image_feature_module(model, family),
         captions_per_image_in_batch=training.captions_per_image_in_batch if group_images else 1,
         run_id=plan.run_id,
+        self_critic=self_critic,
         callbacks=[MarkCompleteCheckpoints(plan.run_id), *early_stopping(args.caption)],
     )
     if trainer.is_world_process_zero():

@@ -189,24 +189,28 @@ class DataArguments:
     image_splitting: bool = field(
         default=False,
         metadata={
-            "help": "SmolVLM / Idefics3: also encode the image as tiles of the processor's longest_edge, as the chat "
-            "checkpoints do for documents (about 5x the image tokens). Off: one global image per picture, the "
-            "captioning default."
+            "help": "SmolVLM: also encode each image as a grid of tiles (the image processor's max_image_size, up to "
+            "size / max_image_size a side by the image's aspect ratio: 4 x 4 for SmolVLM2) before its global image, "
+            "as the chat checkpoints do for documents: up to 17x the image tokens, prompts that differ by aspect "
+            "ratio, no preprocessing cache. The saved processor keeps the setting for inference. Off: one global "
+            "image per picture, the captioning default."
         },
     )
     min_pixels: int | None = field(
         default=None,
         metadata={
-            "help": "Qwen2.5-VL / Qwen3-VL: the least pixels an image is resized to (keeping its aspect ratio). "
-            "Default: 4 visual tokens' worth (Qwen2.5-VL 3136 = 4 x 28 x 28; Qwen3-VL 4096 = 4 x 32 x 32)."
+            "help": "Qwen2.5-VL / Qwen3-VL: the least pixels an image is resized to (keeping its aspect ratio; smaller "
+            "images are scaled up), at least one visual token's worth (784 / 1024) and at most --max_pixels. Default: "
+            "4 visual tokens' worth (Qwen2.5-VL 3136 = 4 x 28 x 28; Qwen3-VL 4096 = 4 x 32 x 32), or --max_pixels if "
+            "less."
         },
     )
     max_pixels: int | None = field(
         default=None,
         metadata={
-            "help": "Qwen2.5-VL / Qwen3-VL: the most pixels an image is resized to, which bounds its visual tokens "
-            "(one per 28 x 28 pixels for Qwen2.5-VL, 32 x 32 for Qwen3-VL). Default: 256 tokens' worth (200704 / "
-            "262144), about a 448 x 448 picture."
+            "help": "Qwen2.5-VL / Qwen3-VL: the most pixels an image is resized to (keeping its aspect ratio), which "
+            "bounds its visual tokens (one per 28 x 28 pixels for Qwen2.5-VL, 32 x 32 for Qwen3-VL). Default: 256 "
+            "tokens' worth (200704 / 262144, about a 448 x 448 / 512 x 512 picture), or --min_pixels if more."
         },
     )
     caption_prompt: str | None = field(
@@ -292,6 +296,24 @@ class CaptioningArguments:
     )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without a better --metric_for_best_model."}
+    )
+    training_objective: str = field(
+        default="xe",
+        metadata={
+            "help": "xe: cross-entropy on the reference captions (default). scst: self-critical sequence training, "
+            "usually a second stage from an xe run's output (--model_name_or_path <its output_dir>) at a lower "
+            "learning rate: each training image gets --scst_samples sampled captions, rewarded with their CIDEr-D "
+            "against its training references (document frequencies of the training split), minus a baseline."
+        },
+    )
+    scst_samples: int = field(default=5, metadata={"help": "SCST: captions sampled per image and step."})
+    scst_temperature: float = field(default=1.0, metadata={"help": "SCST: sampling temperature (no top-k/top-p)."})
+    scst_baseline: str = field(
+        default="mean",
+        metadata={
+            "help": "SCST: mean (the mean reward of the image's other samples; Luo 2020) or greedy (the reward of "
+            "the greedy caption; Rennie et al. 2017, one more generation per image)."
+        },
     )
 
 
@@ -655,6 +677,7 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
         raise ValueError(
             f"--min_new_tokens {caption_args.min_new_tokens} exceeds --max_new_tokens {caption_args.max_new_tokens}."
         )
+    check_scst_args(data_args, caption_args, training_args)
     if caption_args.early_stopping_patience is not None:
         if caption_args.early_stopping_patience < 1:
             raise ValueError("--early_stopping_patience must be at least 1.")
@@ -735,3 +758,25 @@ def to_argv(**flags) -> list[str]:
         else:
             argv += [f"--{name}", str(value)]
     return argv
+
+
+def check_scst_args(data_args, caption_args, training_args) -> None:
+    if caption_args.training_objective not in ("xe", "scst"):
+        raise ValueError(f"--training_objective {caption_args.training_objective!r}: choose xe or scst.")
+    if caption_args.training_objective != "scst":
+        return
+    if caption_args.scst_baseline not in ("mean", "greedy"):
+        raise ValueError(f"--scst_baseline {caption_args.scst_baseline!r}: choose mean or greedy.")
+    if caption_args.scst_baseline == "mean" and caption_args.scst_samples < 2:
+        raise ValueError(
+            f"--scst_samples {caption_args.scst_samples}: the mean baseline needs at least 2 samples per image "
+            "(or use --scst_baseline greedy)."
+        )
+    if caption_args.scst_samples < 1 or caption_args.scst_temperature <= 0:
+        raise ValueError("--scst_samples must be at least 1 and --scst_temperature above 0.")
+    if not training_args.do_train:
+        raise ValueError("--training_objective scst trains: add --do_train.")
+    if data_args.streaming:
+        raise ValueError(
+            "--training_objective scst needs the training references of every image up front: drop --streaming."
+        )

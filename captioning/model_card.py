@@ -25,6 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from captioning.arguments import GENERATION_FLAGS
 from captioning.families import ModelFamily
+from captioning.modeling import adapter_base_model
 from captioning.outputs import CAPTIONING_CONFIG, write_json, write_text_atomic
 from captioning.redaction import mask_tokens
 
@@ -178,6 +179,8 @@ class CardContext:
     # -> what it holds, and when there are none, why.
     shared_data_files: dict[str, str] | None = None
     shared_data_note: str | None = None
+    # The training objective: {"name": "xe"}, or SCST's settings (captioning/scst.py) and the run it continued from.
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "xe"})
 
     @property
     def has_baseline(self) -> bool:
@@ -238,7 +241,12 @@ def build_card_context(
     files = _read_run_files(output_dir)
     captioning_config = files["captioning_config"]
     hub_model_id = hub_model_id or getattr(training_args, "hub_model_id", None)
-    base_model = model_args.model_name_or_path or captioning_config.get("base_model", "")
+    # The run's base weights: an adapter it continued from (e.g. SCST's stage 1) is not a base, its base is.
+    base_model = (
+        (adapter_base_model(model_args.model_name_or_path) if model_args.model_name_or_path else None)
+        or model_args.model_name_or_path
+        or captioning_config.get("base_model", "")
+    )
     adapter = bool(lora_args.use_lora)
 
     return CardContext(
@@ -273,7 +281,22 @@ def build_card_context(
         license=license,
         language=language,
         data_paths=_local_data_paths(data_args),
+        objective=_objective(caption_args, model_args),
     )
+
+
+def _objective(caption_args, model_args) -> dict[str, Any]:
+    """What the card says about the objective; a stage 1 run in a local folder is not named (no local paths)."""
+    if getattr(caption_args, "training_objective", "xe") != "scst":
+        return {"name": "xe"}
+    source = model_args.model_name_or_path
+    return {
+        "name": "scst",
+        "samples": caption_args.scst_samples,
+        "baseline": caption_args.scst_baseline,
+        "temperature": caption_args.scst_temperature,
+        "continued_from": source if is_hub_id(source) else None,
+    }
 
 
 def publication_context(

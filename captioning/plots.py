@@ -69,14 +69,14 @@ def build_training_curves_figure(
     curves = _curves(log_history, baseline)
     if not any(curves.values()):
         return None
-    has_cider = bool(curves["eval_cider"] or curves["baseline_cider"])
+    has_cider = bool(curves["eval_cider"] or curves["baseline_cider"] or curves["scst_reward"])
     has_loss = bool(curves["train_loss"] or curves["eval_loss"] or curves["baseline_loss"])
     panels = int(has_loss) + int(has_cider)
     figure = Figure(figsize=(FIGURE_WIDTH, 4.5), dpi=DPI, layout="constrained")
     axes = list(figure.subplots(1, panels, squeeze=False)[0])
     if has_loss:
         ax = axes.pop(0)
-        _line(ax, curves["train_loss"], color=TRAIN_COLOUR, label="training")
+        _line(ax, curves["train_loss"], color=TRAIN_COLOUR, label="training")  # cross-entropy steps only
         _line(ax, curves["eval_loss"], color=EVAL_COLOUR, marker="o", label="validation")
         _baseline_point(ax, curves["baseline_loss"])
         _label(ax, "Loss", "cross-entropy")
@@ -85,9 +85,20 @@ def build_training_curves_figure(
         _line(ax, curves["eval_cider"], color=CIDER_COLOUR, marker="o", label="validation")
         _annotate_best(ax, curves["eval_cider"])
         _baseline_point(ax, curves["baseline_cider"])
+        if curves["scst_reward"]:
+            _line(ax, curves["scst_reward"], color=TRAIN_COLOUR, label="SCST sample reward (training)")
+            _mark_scst_start(figure.axes, ax, curves["scst_start"][0][0])
         ax.set_ylim(bottom=0)
-        _label(ax, "Validation CIDEr-D", "CIDEr-D (pycocoevalcap scale)", legend_loc="lower right")
+        title = "CIDEr-D" if curves["scst_reward"] else "Validation CIDEr-D"
+        _label(ax, title, "CIDEr-D (pycocoevalcap scale)", legend_loc="lower right")
     return figure
+
+
+def _mark_scst_start(axes, labelled, step: int) -> None:
+    """A dashed line on every panel where self-critical training began (its policy-gradient loss is not a
+    cross-entropy, so the loss panel shows the cross-entropy steps only)."""
+    for ax in axes:
+        ax.axvline(step, color=BASELINE_COLOUR, ls="--", lw=1.5, label="SCST begins" if ax is labelled else None)
 
 
 def _line(ax, points: list[tuple], **style) -> None:
@@ -148,15 +159,23 @@ def _curves(log_history: Sequence[Mapping], baseline: Mapping[str, float] | None
         "eval_cider": [],
         "baseline_loss": [],
         "baseline_cider": [],
+        "scst_reward": [],
+        "scst_start": [],
     }
+    last_cross_entropy_step = 0
     for entry in log_history:
         step = entry.get("step")
         if step is None:
             continue
         # An evaluation logged at step 0 is the model before training (an evaluate() before train()).
         prefix = "baseline" if step == 0 else "eval"
-        if _finite(entry.get("loss")):
+        if _finite(entry.get("scst_reward")):  # a self-critical step: its loss is a policy-gradient loss
+            curves["scst_reward"].append((step, entry["scst_reward"]))
+            if not curves["scst_start"]:
+                curves["scst_start"] = [(last_cross_entropy_step, 0.0)]
+        elif _finite(entry.get("loss")):
             curves["train_loss"].append((step, entry["loss"]))
+            last_cross_entropy_step = step
         if _finite(entry.get("eval_loss")):
             curves[f"{prefix}_loss"].append((step, entry["eval_loss"]))
         if _finite(entry.get("eval_cider")):

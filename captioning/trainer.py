@@ -73,6 +73,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         image_feature_module: torch.nn.Module | None = None,
         captions_per_image_in_batch: int = 1,
         run_id: str | None = None,
+        self_critic=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -87,10 +88,18 @@ class CaptioningTrainer(Seq2SeqTrainer):
         self.layout = layout
         self.generation_kwargs = dict(generation_kwargs)
         self.scorer = scorer
+        # captioning/scst.py: with --training_objective scst, training batches are images, the loss self-critical.
+        self.self_critic = self_critic
 
     # --- image-grouped training: one vision pass per image for all of its captions in the batch ------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.self_critic is not None and "labels" not in inputs:  # a batch of training images: SCST
+            generator = self.accelerator.unwrap_model(model)
+            loss = self.self_critic.loss(
+                model, generator, inputs, self.shared_image_features, seed=self.args.seed, step=self.state.global_step
+            )
+            return (loss, None) if return_outputs else loss
         image_group = inputs.pop("image_group", None)
         if image_group is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -101,6 +110,17 @@ class CaptioningTrainer(Seq2SeqTrainer):
         return shared_image_features(
             self.accelerator.unwrap_model(model), inputs, image_group, self.layout, self.image_feature_module
         )
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Training logs of an SCST run also carry the mean sample reward, baseline, advantage spread and sample
+        length since the last log."""
+        if self.self_critic is not None and "loss" in logs:
+            stats = self.self_critic.take_stats()  # this process's images; every process logs together
+            if stats and self.args.world_size > 1:
+                values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.args.device)
+                stats = dict(zip(stats, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
+            logs.update({key: round(value, 4) for key, value in stats.items()})
+        super().log(logs, *args, **kwargs)
 
     def get_train_dataloader(self):
         if isinstance(self.train_dataset, datasets.IterableDataset):

@@ -175,3 +175,26 @@ def test_samples_from_parallel_lists_and_from_predictions(tmp_path):
     assert [(s.prediction, s.reference, s.baseline, s.image.size) for s in loaded] == [
         ("a red thing", "red", "a dog", (8, 8))
     ]
+
+
+def test_self_critical_steps_plot_their_reward_and_mark_where_scst_began():
+    """Cross-entropy for 20 steps, then SCST: the loss panel keeps the cross-entropy steps only (a policy-gradient
+    loss is no cross-entropy), the CIDEr-D panel adds the sample reward, and both mark step 20."""
+    history = [
+        {"loss": 3.0, "step": 10},
+        {"loss": 2.0, "step": 20},
+        {"eval_loss": 2.1, "eval_cider": 1.0, "step": 20},
+        {"loss": -0.01, "scst_reward": 1.5, "scst_baseline": 1.5, "step": 30},
+        {"loss": 0.02, "scst_reward": 1.9, "scst_baseline": 1.9, "step": 40},
+        {"eval_loss": 2.3, "eval_cider": 1.4, "step": 40},
+    ]
+    figure = build_training_curves_figure(history)
+    loss_ax, cider_ax = figure.axes
+    assert cider_ax.get_title() == "CIDEr-D"
+    loss_lines = {line.get_label(): line for line in loss_ax.get_lines()}
+    assert list(loss_lines["training"].get_xydata().tolist()) == [[10, 3.0], [20, 2.0]]
+    cider_lines = {line.get_label(): line for line in cider_ax.get_lines()}
+    assert cider_lines["SCST sample reward (training)"].get_xydata().tolist() == [[30, 1.5], [40, 1.9]]
+    assert list(cider_lines["SCST begins"].get_xdata()) == [20, 20]
+    marks = [line for line in loss_ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [20, 20]
