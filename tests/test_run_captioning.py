@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -152,8 +153,14 @@ def test_overfits_a_handful_of_images(tiny_models, tmp_path, family):
         dataloader_num_workers=0,
         compute_meteor=False,
         seed=0,
+        logging_steps=1,
     )
     main(argv)
+    # Every step moved the model: an infinite gradient norm (e.g. float32 overflow of the squared norm) makes
+    # clipping zero all gradients, and the step silently does nothing.
+    state = json.loads((output / "trainer_state.json").read_text())
+    grad_norms = [entry["grad_norm"] for entry in state["log_history"] if "grad_norm" in entry]
+    assert len(grad_norms) == 150 and all(math.isfinite(norm) for norm in grad_norms)
     predictions = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
     assert {line["image"]: line["prediction"] for line in predictions} == {
         f"{name}.png": caption for name, caption in captions.items()
