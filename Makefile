@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo demo-scst test lint format clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: setup
 	$(PY) demo/build_demo.py
 	$(PY) run_captioning.py --config configs/demo.yaml --output_dir outputs/demo --overwrite_output_dir
+
+# Second stage: self-critical training from the demo's cross-entropy adapter (run `make demo` first).
+demo-scst: setup
+	$(PY) run_captioning.py --config configs/demo_scst.yaml --output_dir outputs/demo_scst --overwrite_output_dir
 
 test: setup
 	@sh scripts/ensure_java.sh

@@ -81,6 +81,8 @@ TWO_PROCESS_TRAINING = {
     "tiny_paligemma": dict(num_train_epochs=4, learning_rate=1e-2),  # token_type_ids reach generate, with beams
     # Chat template; captions of an image share one get_image_features pass (mm_encoder_outputs), with beams
     "tiny_smolvlm": dict(num_train_epochs=4, learning_rate=1e-2),
+    # Prompts of different lengths per image (dynamic resolution): left-padded, cut per batch, gathered across processes
+    "tiny_qwen2_5_vl": dict(num_train_epochs=4, learning_rate=1e-2),
 }
 
 
