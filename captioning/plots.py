@@ -273,7 +273,8 @@ def _caption_lines(sample: Sample, widths: Mapping[str, int]) -> list[tuple[str,
     wrapped = []
     for label, text, style in block:
         width = max(10, widths["bold" if style.get("fontweight") == "bold" else "regular"])
-        text = " ".join(str(text).split()) or "(empty)"
+        # Control characters (an untrained model can generate them) have no glyph: shown as U+FFFD.
+        text = "".join(c if c.isprintable() else "\ufffd" for c in " ".join(str(text).split())) or "(empty)"
         lines = textwrap.wrap(f"{label}: {text}", width=width, break_long_words=True) or [f"{label}:"]
         if len(lines) > MAX_LINES_PER_CAPTION:
             lines = lines[:MAX_LINES_PER_CAPTION]

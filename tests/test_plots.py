@@ -11,6 +11,7 @@ from PIL import Image
 
 from captioning.plots import (
     Sample,
+    _caption_lines,
     _fit_image,
     build_samples,
     build_samples_figure,
@@ -198,3 +199,9 @@ def test_self_critical_steps_plot_their_reward_and_mark_where_scst_began():
     assert list(cider_lines["SCST begins"].get_xdata()) == [20, 20]
     marks = [line for line in loss_ax.get_lines() if line.get_linestyle() == "--"]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == [20, 20]
+
+
+def test_control_characters_in_a_caption_are_drawn_as_replacement_characters():
+    sample = Sample(image=Image.new("RGB", (64, 48)), prediction="a\x06dog\x00", reference="a dog", baseline=None)
+    lines = _caption_lines(sample, {"bold": 40, "regular": 40})
+    assert lines[0][1] == ["Fine-tuned: a\ufffddog\ufffd"]
