@@ -121,9 +121,11 @@ class SelfCritic:
     """One SCST step on a batch of training images (a generation batch: pixels, prompt, ``image_index`` into the
     training split): sample, reward, baseline, and the policy-gradient loss through the image-grouped forward.
 
-    Samples are drawn with dropout off (the policy being judged), by plain multinomial sampling at ``temperature``
-    (no top-k / top-p), with evaluation's max/min new tokens; the loss forward then runs in training mode, one image
-    pass per image for all its samples."""
+    Samples are drawn with dropout off (the policy being judged), from softmax(logits / ``temperature``) with no
+    top-k / top-p, by seeded Gumbel-max (SeededSampling: the same draws whatever the batch layout), with evaluation's
+    max/min new tokens; the loss forward then runs in training mode, one image pass per image for all its samples.
+    Families whose prompt depends on more than the batch's image inputs (SmolVLM / Idefics3 with --image_splitting,
+    whose tile grids the collator reads from the image processor) are not covered yet."""
 
     reward: CiderD
     layout: CaptionLayout
