@@ -780,3 +780,8 @@ def check_scst_args(data_args, caption_args, training_args) -> None:
         raise ValueError(
             "--training_objective scst needs the training references of every image up front: drop --streaming."
         )
+    if data_args.image_splitting:
+        raise ValueError(
+            "--training_objective scst does not support --image_splitting yet (each tile grid has its own prompt): "
+            "leave --image_splitting out for the SCST stage."
+        )
