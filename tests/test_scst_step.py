@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-from captioning.arguments import LoraArguments, ModelArguments
+from captioning.arguments import DataArguments, LoraArguments, ModelArguments
 from captioning.cider_reward import CiderD
 from captioning.families import detect_family
 from captioning.grouping import shared_image_features
 from captioning.modeling import image_feature_module, load_model
-from captioning.scst import SeededSampling, SelfCritic, policy_gradient_loss, sample_seeds
+from captioning.scst import SeededSampling, SelfCritic, mask_unfinished, policy_gradient_loss, sample_seeds
 from collators import CaptionCollator, build_layout
 
 REFERENCES = [["a red dog", "the dog is red"], ["two blue cats"], ["a man on the grass"]]
@@ -29,6 +29,8 @@ def critic_for(path, samples=3, baseline="mean"):
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)
     processor = AutoProcessor.from_pretrained(path)
+    if family.configure_processor is not None:  # as run_captioning does: the flags' defaults
+        family.configure_processor(processor, DataArguments())
     layout = build_layout(family, config, processor)
     collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout)
     end = model.generation_config.eos_token_id
@@ -50,7 +52,20 @@ def critic_for(path, samples=3, baseline="mean"):
     return model, collator, critic, shared
 
 
-@pytest.mark.parametrize("fixture", ["tiny_blip", "tiny_blip2_opt", "tiny_smolvlm"])
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "tiny_blip",
+        "tiny_blip2_opt",
+        "tiny_blip2_t5",
+        "tiny_florence2",
+        "tiny_paligemma",
+        "tiny_smolvlm",
+        "tiny_idefics3",
+        "tiny_qwen2_5_vl",
+        "tiny_qwen3_vl",
+    ],
+)
 def test_scst_loss_equals_the_policy_gradient_loss_of_each_sample_alone(request, fixture):
     model, collator, critic, shared = critic_for(request.getfixturevalue(fixture))
     images = [Image.new("RGB", (40, 30), colour) for colour in [(200, 20, 20), (20, 20, 200)]]
@@ -83,13 +98,11 @@ def test_scst_loss_equals_the_policy_gradient_loss_of_each_sample_alone(request,
     # The same loss, one sample at a time through the plain (ungrouped) forward.
     expected = []
     for k, ids in enumerate(caption_ids):
-        row = collator.pad_rows([critic.layout.training_row(ids)])
+        image_inputs, counts = collator.processed_images([{"image": images[k // 3]}])
+        row = collator.pad_rows([critic.layout.training_row(ids, None if counts is None else counts[0])])
         if not ended[k]:
-            from captioning.scst import mask_unfinished
-
             row["labels"] = mask_unfinished(row["labels"], [len(ids)], [False])
-        pixel_values = batch["pixel_values"][k // 3 : k // 3 + 1]
-        logits = model(**row, pixel_values=pixel_values).logits
+        logits = model(**row, **image_inputs).logits
         single, _ = policy_gradient_loss(
             logits, row["labels"], torch.tensor([advantages.reshape(-1)[k]]), critic.layout.predicts_next_token
         )
