@@ -239,6 +239,7 @@ def build_self_critic(args: Arguments, splits: dict, layout, collator, processor
         max_new_tokens=generation["max_new_tokens"],
         min_new_tokens=generation["min_new_tokens"],
         end_ids=tuple({layout.eos_id, *end_ids}),
+        bleu_weight=caption.scst_bleu_weight,
     )
 
 

@@ -308,6 +308,13 @@ class CaptioningArguments:
     )
     scst_samples: int = field(default=5, metadata={"help": "SCST: captions sampled per image and step."})
     scst_temperature: float = field(default=1.0, metadata={"help": "SCST: sampling temperature (no top-k/top-p)."})
+    scst_bleu_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "SCST: add this weight times each sample's sentence BLEU-4 to its CIDEr-D reward, as "
+            "self-critical.pytorch's --bleu_reward_weight (0: CIDEr-D alone)."
+        },
+    )
     scst_baseline: str = field(
         default="mean",
         metadata={
@@ -772,6 +779,8 @@ def check_scst_args(data_args, caption_args, training_args) -> None:
             f"--scst_samples {caption_args.scst_samples}: the mean baseline needs at least 2 samples per image "
             "(or use --scst_baseline greedy)."
         )
+    if caption_args.scst_bleu_weight < 0:
+        raise ValueError(f"--scst_bleu_weight {caption_args.scst_bleu_weight}: must be 0 or more.")
     if caption_args.scst_samples < 1 or caption_args.scst_temperature <= 0:
         raise ValueError("--scst_samples must be at least 1 and --scst_temperature above 0.")
     if not training_args.do_train:

@@ -105,12 +105,18 @@ class CiderD:
             previous[starts] = self.first_id[n] + np.searchsorted(self.pair_keys[n], keys)
         self.num_ngrams = next_id
         self.ref_len = float(np.log(len(references)))
-        ids, _, owner, _ = self._ngrams(tokens)
+        ids, _, owner, counts = self._ngrams(tokens)
         image = np.repeat(np.arange(len(references)), np.diff(self.first_ref))[owner]
         in_images = np.unique(image * self.num_ngrams + ids) % self.num_ngrams  # each n-gram once per image
         document_frequency = np.bincount(in_images, minlength=self.num_ngrams)
         self.idf = self.ref_len - np.log(np.maximum(document_frequency, 1.0))
         self.refs = self._vectors(tokens)
+        # For BLEU-4 (bleu4_scores): each image's largest count of each n-gram over its references, and the
+        # references' lengths in tokens.
+        keys, inverse = np.unique(image * self.num_ngrams + ids, return_inverse=True)
+        self.max_ref_keys, self.max_ref_counts = keys, np.zeros(len(keys), dtype=np.int64)
+        np.maximum.at(self.max_ref_counts, inverse, counts)
+        self.ref_lengths = np.bincount(tokens.caption, minlength=len(flat))
 
     def _ngrams(self, tokens: _Tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Each distinct n-gram of each caption: its corpus id (-1 outside the corpus), order (0-based), caption and
@@ -161,21 +167,61 @@ class CiderD:
         keep = keep[np.argsort(owner[keep], kind="stable")]
         return _Vectors(ids[keep], weights[keep], orders[keep], owner[keep], np.sqrt(norms), bigrams)
 
-    def scores(self, captions: Sequence[str], images: Sequence[int], *, tokenized: bool = False) -> np.ndarray:
-        """CIDEr-D of ``captions[k]`` against the references of image ``images[k]``, as float64 (K,)."""
+    @staticmethod
+    def tokenize(captions: Sequence[str]) -> list[str]:
+        """Captions as the COCO protocol tokenizes them (pycocoevalcap's PTB tokenizer, in Python)."""
+        if not captions:
+            return []
+        tokenized = tokenize_captions({k: [caption] for k, caption in enumerate(captions)})
+        return [tokenized[k][0] for k in range(len(captions))]
+
+    def _checked(self, captions: Sequence[str], images: Sequence[int], tokenized: bool) -> tuple[list[str], np.ndarray]:
         images = np.asarray(images, dtype=np.int64)
         if len(captions) != len(images):
             raise ValueError(f"{len(captions)} captions but {len(images)} image indices")
+        return (list(captions) if tokenized else self.tokenize(captions)), images
+
+    def _pairs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (caption, reference of its image) pair, and each caption's number of references."""
+        refs_per_caption = self.first_ref[images + 1] - self.first_ref[images]
+        pair_caption = np.repeat(np.arange(len(images)), refs_per_caption)
+        return pair_caption, _ranges(self.first_ref[images], refs_per_caption), refs_per_caption
+
+    def bleu4_scores(self, captions: Sequence[str], images: Sequence[int], *, tokenized: bool = False) -> np.ndarray:
+        """Sentence BLEU-4 of each caption against its image's references, as pycocoevalcap's ``Bleu(4)`` gives it
+        per caption (clipped n-gram matches, the closest reference length, its 1e-15 / 1e-9 smoothing): the
+        optional second reward of self-critical.pytorch."""
+        captions, images = self._checked(captions, images, tokenized)
         if len(captions) == 0:
             return np.zeros(0)
-        if not tokenized:
-            tokenized_captions = tokenize_captions({k: [caption] for k, caption in enumerate(captions)})
-            captions = [tokenized_captions[k][0] for k in range(len(captions))]
+        tokens = _Tokens(captions, self.words)
+        ids, orders, owner, counts = self._ngrams(tokens)
+        keys = images[owner] * self.num_ngrams + np.maximum(ids, 0)
+        position = np.minimum(np.searchsorted(self.max_ref_keys, keys), len(self.max_ref_keys) - 1)
+        found = (ids >= 0) & (self.max_ref_keys[position] == keys)
+        clipped = np.where(found, np.minimum(counts, self.max_ref_counts[position]), 0)
+        correct = np.zeros((len(captions), MAX_N))
+        np.add.at(correct, (owner, orders), clipped)
+        length = np.bincount(tokens.caption, minlength=len(captions)).astype(np.float64)
+        guess = np.maximum(length[:, None] - np.arange(MAX_N), 0)
+        bleu = np.prod((correct + 1e-15) / (guess + 1e-9), axis=1) ** (1.0 / MAX_N)
+        pair_caption, pair_ref, _ = self._pairs(images)
+        ref_length = self.ref_lengths[pair_ref]
+        # The closest reference length (the shorter one on a tie), as one sortable key per pair.
+        closeness = np.abs(ref_length - length[pair_caption]) * (self.ref_lengths.max() + 1) + ref_length
+        best = np.full(len(captions), np.iinfo(np.int64).max)
+        np.minimum.at(best, pair_caption, closeness.astype(np.int64))
+        reflen = best % (self.ref_lengths.max() + 1)
+        ratio = (length + 1e-15) / (reflen + 1e-9)
+        return np.where(ratio < 1, bleu * np.exp(1 - 1 / ratio), bleu)
+
+    def scores(self, captions: Sequence[str], images: Sequence[int], *, tokenized: bool = False) -> np.ndarray:
+        """CIDEr-D of ``captions[k]`` against the references of image ``images[k]``, as float64 (K,)."""
+        captions, images = self._checked(captions, images, tokenized)
+        if len(captions) == 0:
+            return np.zeros(0)
         hyp = self._vectors(_Tokens(captions, self.words))
-        # Every (caption, reference of its image) pair.
-        refs_per_caption = self.first_ref[images + 1] - self.first_ref[images]
-        pair_caption = np.repeat(np.arange(len(captions)), refs_per_caption)
-        pair_ref = _ranges(self.first_ref[images], refs_per_caption)
+        pair_caption, pair_ref, refs_per_caption = self._pairs(images)
         overlap = self._clipped_overlap(hyp, pair_caption, pair_ref)  # (pairs, MAX_N)
         norm_products = hyp.norms[pair_caption] * self.refs.norms[pair_ref]
         cosine = np.divide(overlap, norm_products, out=overlap.copy(), where=norm_products != 0)

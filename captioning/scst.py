@@ -137,10 +137,16 @@ class SelfCritic:
     max_new_tokens: int = 30
     min_new_tokens: int = 0
     end_ids: tuple[int, ...] = ()
+    bleu_weight: float = 0.0  # reward = CIDEr-D + bleu_weight x sentence BLEU-4
     stats: dict[str, list[float]] = field(default_factory=dict)  # per step, emptied by take_stats()
 
     def rewards(self, captions: list[str], images: np.ndarray) -> np.ndarray:
-        return self.reward.scores(captions, images)
+        """CIDEr-D of each caption against its image's training references, plus the weighted BLEU-4 if asked."""
+        tokenized = self.reward.tokenize(captions)
+        rewards = self.reward.scores(tokenized, images, tokenized=True)
+        if self.bleu_weight:
+            rewards = rewards + self.bleu_weight * self.reward.bleu4_scores(tokenized, images, tokenized=True)
+        return rewards
 
     def generate(
         self, model, inputs: dict[str, torch.Tensor], greedy: bool, seeds: Sequence[int] = ()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from captioning.cider_reward import CiderD, ngram_counts
@@ -87,3 +88,20 @@ def test_raw_text_is_tokenized_as_the_coco_protocol_does():
 def test_an_image_without_references_is_refused():
     with pytest.raises(ValueError, match="at least one reference"):
         CiderD([["a dog"], []])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sentence_bleu4_equals_pycocoevalcap_per_caption(seed):
+    references = corpus(seed)
+    rng = np.random.default_rng(200 + seed)
+    reward = CiderD(references, tokenized=True)
+    captions = [" ".join(rng.choice(WORDS + ["unseen"], size=rng.integers(1, 14))) for _ in references]
+    captions[0] = references[0][0]  # exact: 1.0 up to the smoothing
+    captions[1] = "dog"  # one word: no bigram to match
+    captions[2] = "a a a a a a a"  # clipping by the most a reference holds
+    _, per_caption = Bleu(4).compute_score(
+        {i: refs for i, refs in enumerate(references)}, {i: [c] for i, c in enumerate(captions)}, verbose=0
+    )
+    np.testing.assert_allclose(
+        reward.bleu4_scores(captions, range(len(references)), tokenized=True), per_caption[3], rtol=0, atol=1e-9
+    )

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from captioning.cider_reward import CiderD
 from captioning.layout import IGNORE_INDEX
-from captioning.scst import baseline_rewards, mask_unfinished, policy_gradient_loss, split_at_end
+from captioning.scst import SelfCritic, baseline_rewards, mask_unfinished, policy_gradient_loss, split_at_end
 
 
 def test_mean_of_other_samples_baseline_makes_each_images_advantages_sum_to_zero():
@@ -72,3 +73,15 @@ def test_policy_gradient_loss_is_advantage_times_mean_token_log_prob_and_touches
         predicting = torch.cat([predicting[:, 1:], torch.zeros(3, 1, dtype=torch.bool)], dim=1)
     touched = logits.grad.abs().sum(dim=-1) > 0
     assert torch.equal(touched, predicting)
+
+
+def test_rewards_are_cider_plus_the_weighted_sentence_bleu4():
+    references = [["a red dog on the grass", "the dog is red"], ["two blue cats", "blue cats sleeping"]]
+    reward = CiderD(references)
+    captions, images = ["A red dog.", "two cats", "blue cats"], np.array([0, 1, 1])
+    plain = SelfCritic(reward=reward, layout=None, tokenizer=None, pad_rows=None)
+    weighted = SelfCritic(reward=reward, layout=None, tokenizer=None, pad_rows=None, bleu_weight=0.5)
+    cider, bleu = reward.scores(captions, images), reward.bleu4_scores(captions, images)
+    assert plain.rewards(captions, images).tolist() == cider.tolist()
+    np.testing.assert_allclose(weighted.rewards(captions, images), cider + 0.5 * bleu, rtol=0, atol=1e-12)
+    assert (bleu > 0).any()

@@ -105,6 +105,7 @@ def test_scst_flags_are_checked_before_anything_loads(stage_one, tmp_path):
         "--scst_samples 1: the mean baseline needs at least 2": dict(scst_samples=1),
         "--scst_baseline 'best': choose mean or greedy": dict(scst_baseline="best"),
         "--training_objective 'rl': choose xe or scst": dict(training_objective="rl"),
+        "--scst_bleu_weight -1.0: must be 0 or more": dict(scst_bleu_weight=-1.0),
         "--training_objective scst does not support --image_splitting yet": dict(image_splitting=True),
     }
     for message, extra in cases.items():
