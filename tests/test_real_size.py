@@ -125,3 +125,29 @@ def test_caption_images_with_default_workers_on_real_photos(tiny_blip, photo_fol
     assert len(rows) == PHOTOS and {Path(row["image"]).name for row in rows} == {
         path.name for path in photo_folder.glob("photo_*")
     }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_LIMIT_S + 60)
+def test_qwen_and_then_scst_finish_on_real_photos_in_two_processes(tiny_qwen2_5_vl, photo_folder, tmp_path):
+    """Dynamic resolution on real photos (each image its own size and token count, no fixed-size cache, prompts of
+    different lengths left-padded and gathered across 2 processes), then self-critical training from that run, also
+    on 2 processes: both finish under the bound."""
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
+        "run_captioning.py",
+    ]  # fmt: skip
+    xe = tmp_path / "xe"
+    log = run_bounded([*launch, *job_flags(tiny_qwen2_5_vl, photo_folder, xe), "--max_pixels", str(64 * 28 * 28)])
+    assert "no preprocessing cache" in log
+    predictions = [json.loads(line) for line in (xe / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 10 and "eval_cider" in json.loads((xe / "eval_results.json").read_text())
+    scst = tmp_path / "scst"
+    flags = job_flags(xe, photo_folder, scst) + [
+        "--training_objective", "scst", "--scst_samples", "3", "--max_steps", "3", "--logging_steps", "1",
+        "--per_device_train_batch_size", "4", "--do_predict", "false",
+    ]  # fmt: skip
+    run_bounded([*launch, *flags])
+    history = json.loads((scst / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "scst_reward" in entry] == [1, 2, 3]
