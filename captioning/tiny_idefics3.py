@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     Idefics3Config,
@@ -30,6 +29,7 @@ from transformers import (
 )
 
 from captioning.tiny_models import DEFAULT_WORDS
+from captioning.tiny_smolvlm import llama_text_config, save_checkpoint, vision_config
 
 # Idefics3's chat template (HuggingFaceM4/Idefics3-8B-Llama3, chat_template.json).
 CHAT_TEMPLATE = (
@@ -97,44 +97,12 @@ def build_tiny_idefics3(
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE
     )
-    text_config = dict(
-        model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    vision_config = dict(
-        model_type="idefics3_vision",
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
     config = Idefics3Config(
-        vision_config=vision_config,
-        text_config=text_config,
+        vision_config=vision_config(hidden, layers, image_size, patch_size, "idefics3_vision"),
+        text_config=llama_text_config(tokenizer, hidden, layers),
         image_token_id=processor.image_token_id,
         scale_factor=scale_factor,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id  # <end_of_utterance> ends the answer
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
+    return save_checkpoint(Idefics3ForConditionalGeneration, config, processor, tokenizer, output_dir, seed)

@@ -98,10 +98,22 @@ def build_tiny_smolvlm(
         image_seq_len=image_seq_len,
         chat_template=CHAT_TEMPLATE,
     )
-    vocab_size = len(tokenizer)
-    text_config = dict(
+    config = SmolVLMConfig(
+        vision_config=vision_config(hidden, layers, image_size, patch_size, "smolvlm_vision"),
+        text_config=llama_text_config(tokenizer, hidden, layers),
+        image_token_id=processor.image_token_id,
+        scale_factor=scale_factor,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return save_checkpoint(SmolVLMForConditionalGeneration, config, processor, tokenizer, output_dir, seed)
+
+
+def llama_text_config(tokenizer, hidden: int, layers: int) -> dict:
+    """The tiny Llama text model of the SmolVLM-like checkpoints (SmolVLM, Idefics3)."""
+    return dict(
         model_type="llama",
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -113,8 +125,12 @@ def build_tiny_smolvlm(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    vision_config = dict(
-        model_type="smolvlm_vision",
+
+
+def vision_config(hidden: int, layers: int, image_size: int, patch_size: int, model_type: str) -> dict:
+    """The tiny SigLIP-style vision tower of the SmolVLM-like checkpoints."""
+    return dict(
+        model_type=model_type,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -122,16 +138,13 @@ def build_tiny_smolvlm(
         image_size=image_size,
         patch_size=patch_size,
     )
-    config = SmolVLMConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=processor.image_token_id,
-        scale_factor=scale_factor,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+
+
+def save_checkpoint(model_class, config, processor, tokenizer, output_dir: str | Path, seed: int) -> Path:
+    """Build the model from ``config`` (seeded), let generate end answers at the tokenizer's end of turn, and save
+    it with its processor like a Hub checkpoint."""
     torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id  # <end_of_utterance> ends the answer
     model.generation_config.pad_token_id = tokenizer.pad_token_id
