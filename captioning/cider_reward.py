@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from captioning.ptb_tokenizer import tokenize_captions
+from captioning.ptb_tokenizer import ptb_tokenize_each, tokenize_captions
 
 MAX_N = 4
 SIGMA = 6.0
@@ -169,11 +169,9 @@ class CiderD:
 
     @staticmethod
     def tokenize(captions: Sequence[str]) -> list[str]:
-        """Captions as the COCO protocol tokenizes them (pycocoevalcap's PTB tokenizer, in Python)."""
-        if not captions:
-            return []
-        tokenized = tokenize_captions({k: [caption] for k, caption in enumerate(captions)})
-        return [tokenized[k][0] for k in range(len(captions))]
+        """Captions as the COCO protocol tokenizes them (pycocoevalcap's PTB tokenizer, in Python), each alone: a
+        sample's reward does not depend on the samples next to it."""
+        return ptb_tokenize_each(captions)
 
     def _checked(self, captions: Sequence[str], images: Sequence[int], tokenized: bool) -> tuple[list[str], np.ndarray]:
         images = np.asarray(images, dtype=np.int64)

@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Callable, Hashable, Iterable
 from functools import lru_cache
 
-__all__ = ["PUNCTUATIONS", "ptb_tokenize", "tokenize_captions"]
+__all__ = ["PUNCTUATIONS", "ptb_tokenize", "ptb_tokenize_each", "tokenize_captions"]
 
 # Tokens pycocoevalcap drops after tokenizing (its list is uppercase, so the lowercased -lrb- etc. stay).
 PUNCTUATIONS = frozenset(
@@ -658,6 +658,34 @@ def _tokenize_lines(captions: list[str]) -> list[str]:
 def ptb_tokenize(caption: str) -> str:
     """Tokens of one caption, space-joined, exactly as pycocoevalcap's PTBTokenizer gives them for it alone."""
     return _tokenize_lines([caption])[0]
+
+
+# Captions the lexer's plain-token path (_plain_token) tokenizes word by word: ASCII words separated by single spaces,
+# perhaps one final period. Its exceptions are checked in ptb_tokenize_each.
+_SIMPLE_CAPTION = re.compile("([A-Za-z]+(?: [A-Za-z]+)*)(\\.?)")
+
+
+def ptb_tokenize_each(captions: Iterable[str]) -> list[str]:
+    """``[ptb_tokenize(caption) for caption in captions]``: each caption alone, so that no caption's tokens depend on
+    its neighbours (the tokenization of a reward).
+
+    The common generated caption, ASCII words separated by single spaces with perhaps a final period, is lowercased
+    and split directly: the lexer gives exactly that, each word through its plain-token path and the period as a
+    punctuation token that is dropped, unless a word is one it splits ("cannot") or the final period may join the
+    last word as an abbreviation ("co.", "mr."); those captions, and all others, go through the lexer.
+    """
+    tokenized = []
+    for caption in captions:
+        simple = _SIMPLE_CAPTION.fullmatch(caption)
+        if simple is not None:
+            words = simple.group(1)
+            lowered = words.lower()
+            last = words[words.rfind(" ") + 1 :]  # as written: the abbreviation rules are partly case-sensitive
+            if _SPLIT_WORDS.isdisjoint(lowered.split(" ")) and not (simple.group(2) and _ABBREVIATION.fullmatch(last)):
+                tokenized.append(lowered)
+                continue
+        tokenized.append(ptb_tokenize(caption))
+    return tokenized
 
 
 def tokenize_captions(captions: dict[Hashable, list[str]]) -> dict[Hashable, list[str]]:

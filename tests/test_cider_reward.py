@@ -85,6 +85,14 @@ def test_raw_text_is_tokenized_as_the_coco_protocol_does():
     assert reward.scores([], []).shape == (0,)
 
 
+def test_a_caption_is_tokenized_alone_whatever_samples_follow_it():
+    """pycocoevalcap reads "A." before a line starting with "The" as a sentence end; a reward must not see that."""
+    reward = CiderD([["a man holding the letter a."], ["the cat"]])
+    alone = reward.scores(["a man holding the letter A."], [0])
+    assert reward.scores(["a man holding the letter A.", "The cat"], [0, 0])[0] == alone[0]
+    assert reward.tokenize(["holding A.", "The cat"]) == ["holding a.", "the cat"]
+
+
 def test_an_image_without_references_is_refused():
     with pytest.raises(ValueError, match="at least one reference"):
         CiderD([["a dog"], []])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from captioning.ptb_tokenizer import ptb_tokenize, tokenize_captions
+from captioning.ptb_tokenizer import ptb_tokenize, ptb_tokenize_each, tokenize_captions
 
 CASES_FILE = Path(__file__).parent / "data" / "ptb_cases.txt"
 
@@ -109,6 +109,40 @@ def test_grouped_captions_match_java() -> None:
     grouped = {f"img{i}": cases[i : i + 5] for i in range(0, len(cases), 5)}
     expected = PTBTokenizer().tokenize({k: [{"caption": c} for c in caps] for k, caps in grouped.items()})
     assert tokenize_captions(grouped) == expected
+
+
+# Words of generated captions, with those the lexer treats specially: the split words, and abbreviations that a final
+# period joins (some only in one case).
+PLAIN_WORDS = WORDS + [
+    "A", "The", "Dog", "cannot", "Cannot", "GONNA", "wanna", "gotta", "lemme", "Gimme", "mr", "Mr", "MR", "co", "Co",
+    "St", "no", "No", "I", "x", "e", "etc", "Inc", "Jan", "pte", "Pty", "vs", "Ltd", "about", "About", "Jr", "Dr",
+]  # fmt: skip
+
+
+def plain_captions(seed: int, n: int) -> list[str]:
+    """ASCII words and single spaces, perhaps a final period (what ptb_tokenize_each shortcuts), and near misses."""
+    rng = random.Random(seed)
+    endings = ["", ".", ".", " .", "!", ". ", ",", "  "]
+    return [
+        " ".join(rng.choice(PLAIN_WORDS) for _ in range(rng.randint(1, 8))) + rng.choice(endings) for _ in range(n)
+    ]
+
+
+def test_each_caption_alone_is_tokenized_as_the_lexer_does() -> None:
+    captions = plain_captions(0, 20000) + random_captions(3, 2000) + ["ends with A.", "The cat", "", " a dog"]
+    assert ptb_tokenize_each(captions) == [ptb_tokenize(caption) for caption in captions]
+    assert ptb_tokenize_each(["He cannot see Mr.", "A dog on the grass.", "ends with A.", "The cat"]) == [
+        "he can not see mr.", "a dog on the grass", "ends with a.", "the cat",
+    ]  # fmt: skip
+
+
+@pytest.mark.java
+@java
+def test_each_plain_caption_alone_matches_java() -> None:
+    """Each caption followed by a lowercase line, which ends no sentence: Java then reads it as if alone."""
+    captions = plain_captions(1, 3000)
+    expected = java_tokenize([line for caption in captions for line in (caption, "x")])[::2]
+    assert ptb_tokenize_each(captions) == expected
 
 
 # Expected values below were produced by the Java tokenizer (each caption alone, as ptb_tokenize does).
