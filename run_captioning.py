@@ -18,13 +18,12 @@ import captioning  # noqa: F401  (first: quiets a warning bitsandbytes logs when
 
 # isort: on
 import datasets
-import torch
 import transformers
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, PretrainedConfig, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
-from captioning.arguments import Arguments, parse_args, validate_args
+from captioning.arguments import Arguments, parse_args, runs_scst, validate_args
 from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
 from captioning.cider_reward import CiderD
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
@@ -44,11 +43,12 @@ from captioning.modeling import (
     load_processor,
     vision_tower_frozen,
 )
-from captioning.outputs import write_captioning_config, write_predictions
+from captioning.outputs import write_captioning_config, write_json, write_predictions
 from captioning.plots import build_samples, plot_samples, plot_training_curves
 from captioning.run_dir import input_paths, start_run
 from captioning.scan import DataReport, scan_splits_once
 from captioning.scst import SelfCritic
+from captioning.stages import joined_log_history, resolve_stage_resume, stage1_log_history, stage_arguments
 from captioning.streaming import load_streaming_splits
 from captioning.trainer import CaptioningTrainer, build_generation_kwargs
 from collators import CaptionCollator, build_layout
@@ -69,6 +69,7 @@ class RunPlan:
     push_requested: bool
     label_smoothing: float
     run_id: str
+    resume_stage: int = 1  # --scst_epochs: the stage --resume_from_checkpoint continues (2: stage 1 is done)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class RunRecord:
     test: CaptionImages | None = None
     test_captions: list[str] | None = None
     gallery_baseline: list[str] | None = None  # baseline captions of the first test images (the gallery)
+    log_history: list[dict] | None = None  # both stages' logs on one step axis (--scst_epochs)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -87,9 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging(args.training)
     plan = check_configuration(args)
     splits = load_data(args)
-    trainer, model = build_trainer(args, plan, splits)
+    trainer, model, second_stage = build_trainer(args, plan, splits)
     try:
-        record = run_phases(trainer, splits, args.caption, args.training)
+        record, trainer = run_phases(trainer, splits, args, plan, second_stage)
     finally:
         trainer.scorer.close()
     if trainer.is_world_process_zero():  # the others need not wait: a push can take longer than any timeout
@@ -128,7 +130,15 @@ def check_configuration(args: Arguments) -> RunPlan:
         overwrite_foreign_repo=training.hub_overwrite_foreign_repo,
     )
     push_requested, training.push_to_hub = training.push_to_hub, False  # the Trainer itself never pushes
-    training.resume_from_checkpoint = resolve_resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
+    resume_stage = 1
+    if args.caption.scst_epochs > 0:  # two stages: the checkpoint may be stage 1's, in <output_dir>/stage1_xe
+        resume_stage, training.resume_from_checkpoint = resolve_stage_resume(
+            training.resume_from_checkpoint, training.output_dir
+        )
+    else:
+        training.resume_from_checkpoint = resolve_resume_checkpoint(
+            training.resume_from_checkpoint, training.output_dir
+        )
     check_adapter_args(args.model, args.lora)
     config = load_config(args.model)
     family = detect_family(config)
@@ -136,7 +146,7 @@ def check_configuration(args: Arguments) -> RunPlan:
     check_label_smoothing(family, training.label_smoothing_factor)
     run_id = start_run(training, input_paths(args))
     set_seed(training.seed)
-    return RunPlan(config, family, push_requested, training.label_smoothing_factor, run_id)
+    return RunPlan(config, family, push_requested, training.label_smoothing_factor, run_id, resume_stage)
 
 
 def load_data(args: Arguments) -> dict:
@@ -213,10 +223,10 @@ def training_dataset(train, cache: ImageCache | None, images: bool = False):
 
 
 def build_self_critic(args: Arguments, splits: dict, layout, collator, processor, model, family):
-    """--training_objective scst: the reward (CIDEr-D with the training split's document frequencies) and the
-    sampling settings (evaluation's max/min new tokens); None for cross-entropy."""
+    """--training_objective scst or --scst_epochs: the reward (CIDEr-D with the training split's document
+    frequencies) and the sampling settings (evaluation's max/min new tokens); None for cross-entropy alone."""
     caption = args.caption
-    if caption.training_objective != "scst" or "train" not in splits:
+    if not runs_scst(caption) or "train" not in splits:
         return None
     generation = build_generation_kwargs(caption, family)
     end_ids = model.generation_config.eos_token_id
@@ -243,8 +253,10 @@ def build_self_critic(args: Arguments, splits: dict, layout, collator, processor
     )
 
 
-def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[CaptioningTrainer, torch.nn.Module]:
-    """Processor, model (LoRA / k-bit / full), collator, and the CaptioningTrainer around them."""
+def build_trainer(args: Arguments, plan: RunPlan, splits: dict):
+    """Processor, model (LoRA / k-bit / full), collator, and the CaptioningTrainer around them; with --scst_epochs
+    the trainer is stage 1's (cross-entropy, in <output_dir>/stage1_xe), and the third value builds stage 2's
+    (SCST on the same model, in output_dir) once stage 1 is done; else that value is None."""
     training, family = args.training, plan.family
     processor = load_processor(args.model)
     if family.configure_processor is not None:  # --image_splitting, --min_pixels / --max_pixels
@@ -268,32 +280,56 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict) -> tuple[Caption
         processor.image_processor, processor.tokenizer, layout, args.data.max_caption_length, group_images
     )
     self_critic = build_self_critic(args, splits, layout, collator, processor, model, family)
-    trainer = CaptioningTrainer(
-        model=model,
-        args=training,
-        train_dataset=training_dataset(splits.get("train"), caches.get("train"), self_critic is not None),
-        eval_dataset=CaptionImages(splits["validation"], caches.get("validation")) if "validation" in splits else None,
-        data_collator=collator,
-        processing_class=processor,
-        layout=layout,
-        generation_kwargs=build_generation_kwargs(args.caption, family),
-        scorer=CaptionScorer(use_meteor=args.caption.compute_meteor),
-        image_feature_module=image_feature_module(model, family),
-        captions_per_image_in_batch=training.captions_per_image_in_batch if group_images else 1,
-        run_id=plan.run_id,
-        self_critic=self_critic,
-        callbacks=[MarkCompleteCheckpoints(plan.run_id), *early_stopping(args.caption)],
-    )
-    if trainer.is_world_process_zero():
-        write_captioning_config(
-            training.output_dir,
-            family=family.name,
-            base_model=base_model_path(args.model),
-            caption_prompt=caption_prompt,
-            generation_kwargs=trainer.generation_kwargs,
-            max_caption_length=args.data.max_caption_length,
+    two_stages = args.caption.scst_epochs > 0
+
+    def trainer_for(stage_args, critic) -> CaptioningTrainer:
+        return CaptioningTrainer(
+            model=model,
+            args=stage_args,
+            train_dataset=training_dataset(splits.get("train"), caches.get("train"), critic is not None),
+            eval_dataset=(
+                CaptionImages(splits["validation"], caches.get("validation")) if "validation" in splits else None
+            ),
+            data_collator=collator,
+            processing_class=processor,
+            layout=layout,
+            generation_kwargs=build_generation_kwargs(args.caption, family),
+            scorer=scorer,
+            image_feature_module=image_feature_module(model, family),
+            captions_per_image_in_batch=training.captions_per_image_in_batch if group_images else 1,
+            run_id=plan.run_id,
+            self_critic=critic,
+            callbacks=[MarkCompleteCheckpoints(plan.run_id), *early_stopping(args.caption)],
         )
-    return trainer, model
+
+    scorer = CaptionScorer(use_meteor=args.caption.compute_meteor)
+    if two_stages:
+        resume = training.resume_from_checkpoint
+        first_args = stage_arguments(training, args.caption, 1, resume if plan.resume_stage == 1 else None)
+        trainer = trainer_for(first_args, None)
+
+        def second_stage() -> CaptioningTrainer:
+            stage_args = stage_arguments(training, args.caption, 2, resume if plan.resume_stage == 2 else None)
+            logger.info(
+                "Stage 2: self-critical training for %s epochs at learning rate %g, from stage 1's weights.",
+                stage_args.num_train_epochs,
+                stage_args.learning_rate,
+            )
+            return trainer_for(stage_args, self_critic)
+
+    else:
+        trainer, second_stage = trainer_for(training, self_critic), None
+    if trainer.is_world_process_zero():
+        for output_dir in {training.output_dir, trainer.args.output_dir}:
+            write_captioning_config(
+                output_dir,
+                family=family.name,
+                base_model=base_model_path(args.model),
+                caption_prompt=caption_prompt,
+                generation_kwargs=trainer.generation_kwargs,
+                max_caption_length=args.data.max_caption_length,
+            )
+    return trainer, model, second_stage
 
 
 def setup_logging(training_args) -> None:
@@ -346,35 +382,39 @@ def early_stopping(caption_args) -> list:
     return [EarlyStoppingCallback(early_stopping_patience=caption_args.early_stopping_patience)]
 
 
-def run_phases(trainer: CaptioningTrainer, splits: dict, caption_args, training_args) -> RunRecord:
-    """Baseline, train, evaluate, predict: each writes its results file in output_dir."""
+def run_phases(trainer: CaptioningTrainer, splits: dict, args: Arguments, plan: RunPlan, second_stage=None):
+    """Baseline, train (with --scst_epochs, stage 1 then stage 2), evaluate, predict: each writes its results file
+    in output_dir. Returns the record and the trainer of the final model."""
+    caption_args, training_args = args.caption, args.training
     record = RunRecord()
     if caption_args.eval_baseline:
         logger.info("Evaluating the model before fine-tuning (baseline)")
         record.metrics["baseline"] = trainer.evaluate()
         trainer.save_metrics("baseline", record.metrics["baseline"], combined=False)
+        if second_stage is not None and trainer.is_world_process_zero():  # stage 1's folder, and the run's
+            write_json(Path(training_args.output_dir) / "baseline_results.json", record.metrics["baseline"])
         if training_args.do_predict:  # captions before fine-tuning for the sample gallery
             gallery = CaptionImages(splits["test"].select(range(min(GALLERY_SIZE, len(splits["test"])))))
             record.gallery_baseline = trainer.predict(gallery, metric_key_prefix="gallery").predictions
 
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        metrics = dict(train_result.metrics)
-        if isinstance(trainer.train_dataset, CaptionPairs):
-            metrics["train_images"] = len(splits["train"])
-            metrics["train_samples"] = len(trainer.train_dataset)
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        record.metrics["train"] = metrics
+        if second_stage is None:
+            record.metrics["train"] = train_stage(trainer, splits)
+        else:
+            if plan.resume_stage == 1:
+                record.metrics["stage1_train"] = train_stage(trainer, splits)
+                if training_args.do_eval:  # stage 1's model: what SCST starts from (stage1_xe/eval_results.json)
+                    record.metrics["stage1_eval"] = evaluate_and_save(trainer)
+            else:
+                logger.info("Resuming stage 2 (SCST): stage 1 finished in %s.", trainer.args.output_dir)
+            trainer = second_stage()  # the same model, collator and scorer
+            record.metrics["train"] = train_stage(trainer, splits)
+            record.log_history = joined_log_history(
+                stage1_log_history(training_args.output_dir), trainer.state.log_history
+            )
 
     if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(trainer.eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        record.metrics["eval"] = metrics
+        record.metrics["eval"] = evaluate_and_save(trainer)
 
     if training_args.do_predict:
         record.test = CaptionImages(splits["test"])
@@ -392,7 +432,29 @@ def run_phases(trainer: CaptioningTrainer, splits: dict, caption_args, training_
                 record.test.references,
             )
         record.metrics["predict"] = metrics
-    return record
+    return record, trainer
+
+
+def train_stage(trainer: CaptioningTrainer, splits: dict) -> dict[str, float]:
+    """Train (resuming when its arguments say so), save the model and the train metrics in its output_dir."""
+    train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = dict(train_result.metrics)
+    if isinstance(trainer.train_dataset, CaptionPairs):
+        metrics["train_images"] = len(splits["train"])
+        metrics["train_samples"] = len(trainer.train_dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def evaluate_and_save(trainer: CaptioningTrainer) -> dict[str, float]:
+    metrics = trainer.evaluate()
+    metrics["eval_samples"] = len(trainer.eval_dataset)
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    return metrics
 
 
 def write_card_and_pictures(
@@ -400,9 +462,8 @@ def write_card_and_pictures(
 ) -> None:
     """training_curves.png, samples.png, then the model card (README.md) last: saving a model rewrites README.md."""
     output_dir = Path(args.training.output_dir)
-    plot_training_curves(
-        trainer.state.log_history, output_dir / "training_curves.png", baseline=record.metrics.get("baseline")
-    )
+    history = record.log_history if record.log_history is not None else trainer.state.log_history
+    plot_training_curves(history, output_dir / "training_curves.png", baseline=record.metrics.get("baseline"))
     if record.test is not None and len(record.test):
         shown = range(min(GALLERY_SIZE, len(record.test)))
         samples = build_samples(

@@ -306,6 +306,18 @@ class CaptioningArguments:
             "against its training references (document frequencies of the training split), minus a baseline."
         },
     )
+    scst_epochs: float = field(
+        default=0,
+        metadata={
+            "help": "Both stages in one command: after the --num_train_epochs of cross-entropy, this many epochs of "
+            "SCST at --scst_learning_rate. Stage 1's checkpoints, adapter and eval_results.json go to "
+            "<output_dir>/stage1_xe, the final model to --output_dir. 0 (default): no second stage."
+        },
+    )
+    scst_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "With --scst_epochs: the SCST stage's learning rate (default: a tenth of --learning_rate)."},
+    )
     scst_samples: int = field(default=5, metadata={"help": "SCST: captions sampled per image and step."})
     scst_temperature: float = field(default=1.0, metadata={"help": "SCST: sampling temperature (no top-k/top-p)."})
     scst_bleu_weight: float = field(
@@ -767,11 +779,37 @@ def to_argv(**flags) -> list[str]:
     return argv
 
 
+def runs_scst(caption_args) -> bool:
+    """Whether the run trains with SCST: the whole run, or a second stage (--scst_epochs)."""
+    return caption_args.training_objective == "scst" or caption_args.scst_epochs > 0
+
+
 def check_scst_args(data_args, caption_args, training_args) -> None:
     if caption_args.training_objective not in ("xe", "scst"):
         raise ValueError(f"--training_objective {caption_args.training_objective!r}: choose xe or scst.")
-    if caption_args.training_objective != "scst":
+    if caption_args.scst_epochs < 0:
+        raise ValueError(f"--scst_epochs {caption_args.scst_epochs}: must be 0 (no SCST stage) or more.")
+    if caption_args.scst_epochs > 0 and caption_args.training_objective == "scst":
+        raise ValueError(
+            "--scst_epochs runs SCST after cross-entropy epochs; with --training_objective scst the whole run is "
+            "SCST: give its length as --num_train_epochs and drop --scst_epochs."
+        )
+    if caption_args.scst_learning_rate is not None:
+        if caption_args.scst_epochs == 0:
+            raise ValueError(
+                "--scst_learning_rate is the learning rate of the --scst_epochs stage: add --scst_epochs N, or "
+                "give an SCST-only run's rate as --learning_rate."
+            )
+        if caption_args.scst_learning_rate <= 0:
+            raise ValueError(f"--scst_learning_rate {caption_args.scst_learning_rate}: must be above 0.")
+    if caption_args.scst_epochs > 0 and training_args.max_steps > 0:
+        raise ValueError(
+            f"--max_steps {training_args.max_steps} with --scst_epochs: give the cross-entropy stage's length as "
+            "--num_train_epochs (--max_steps would bound both stages)."
+        )
+    if not runs_scst(caption_args):
         return
+    flag = "--training_objective scst" if caption_args.training_objective == "scst" else "--scst_epochs"
     if caption_args.scst_baseline not in ("mean", "greedy"):
         raise ValueError(f"--scst_baseline {caption_args.scst_baseline!r}: choose mean or greedy.")
     if caption_args.scst_baseline == "mean" and caption_args.scst_samples < 2:
@@ -784,13 +822,11 @@ def check_scst_args(data_args, caption_args, training_args) -> None:
     if caption_args.scst_samples < 1 or caption_args.scst_temperature <= 0:
         raise ValueError("--scst_samples must be at least 1 and --scst_temperature above 0.")
     if not training_args.do_train:
-        raise ValueError("--training_objective scst trains: add --do_train.")
+        raise ValueError(f"{flag} trains: add --do_train.")
     if data_args.streaming:
-        raise ValueError(
-            "--training_objective scst needs the training references of every image up front: drop --streaming."
-        )
+        raise ValueError(f"{flag} needs the training references of every image up front: drop --streaming.")
     if data_args.image_splitting:
         raise ValueError(
-            "--training_objective scst does not support --image_splitting yet (each tile grid has its own prompt): "
+            f"{flag} does not support --image_splitting yet (each tile grid has its own prompt): "
             "leave --image_splitting out for the SCST stage."
         )

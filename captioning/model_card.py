@@ -28,6 +28,7 @@ from captioning.families import ModelFamily
 from captioning.modeling import adapter_base_model
 from captioning.outputs import CAPTIONING_CONFIG, write_json, write_text_atomic
 from captioning.redaction import mask_tokens
+from captioning.stages import STAGE1_DIR, stage_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -281,22 +282,35 @@ def build_card_context(
         license=license,
         language=language,
         data_paths=_local_data_paths(data_args),
-        objective=_objective(caption_args, model_args),
+        objective=_objective(caption_args, model_args, training_args, files["stage1_eval"]),
     )
 
 
-def _objective(caption_args, model_args) -> dict[str, Any]:
-    """What the card says about the objective; a stage 1 run in a local folder is not named (no local paths)."""
-    if getattr(caption_args, "training_objective", "xe") != "scst":
+def _objective(caption_args, model_args, training_args, stage1_eval: Mapping[str, Any]) -> dict[str, Any]:
+    """What the card says about the objective; a stage 1 run in a local folder is not named (no local paths). With
+    --scst_epochs both stages ran here: their epochs, learning rates and validation CIDEr-D."""
+    scst_epochs = getattr(caption_args, "scst_epochs", 0)
+    if getattr(caption_args, "training_objective", "xe") != "scst" and not scst_epochs:
         return {"name": "xe"}
     source = model_args.model_name_or_path
-    return {
+    objective = {
         "name": "scst",
         "samples": caption_args.scst_samples,
         "baseline": caption_args.scst_baseline,
         "temperature": caption_args.scst_temperature,
-        "continued_from": source if is_hub_id(source) else None,
+        "continued_from": source if is_hub_id(source) and not scst_epochs else None,
+        "both_stages": None,
     }
+    if scst_epochs:
+        stage2 = stage_arguments(training_args, caption_args, 2, None)
+        objective["both_stages"] = {
+            "stage1_epochs": training_args.num_train_epochs,
+            "stage1_learning_rate": training_args.learning_rate,
+            "stage1_eval_cider": stage1_eval.get("eval_cider"),
+            "epochs": stage2.num_train_epochs,
+            "learning_rate": stage2.learning_rate,
+        }
+    return objective
 
 
 def publication_context(
@@ -446,6 +460,7 @@ def _read_run_files(output_dir: Path) -> dict[str, Any]:
         "eval": read("eval_results.json"),
         "predict": read("predict_results.json"),
         "baseline": read("baseline_results.json"),
+        "stage1_eval": read(f"{STAGE1_DIR}/eval_results.json"),  # --scst_epochs: the cross-entropy stage's model
         "train": read("train_results.json"),
         "state": read("trainer_state.json"),
         "captioning_config": read(CAPTIONING_CONFIG),

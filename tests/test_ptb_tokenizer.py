@@ -123,9 +123,7 @@ def plain_captions(seed: int, n: int) -> list[str]:
     """ASCII words and single spaces, perhaps a final period (what ptb_tokenize_each shortcuts), and near misses."""
     rng = random.Random(seed)
     endings = ["", ".", ".", " .", "!", ". ", ",", "  "]
-    return [
-        " ".join(rng.choice(PLAIN_WORDS) for _ in range(rng.randint(1, 8))) + rng.choice(endings) for _ in range(n)
-    ]
+    return [" ".join(rng.choice(PLAIN_WORDS) for _ in range(rng.randint(1, 8))) + rng.choice(endings) for _ in range(n)]
 
 
 def test_each_caption_alone_is_tokenized_as_the_lexer_does() -> None:

@@ -50,16 +50,19 @@ def _flags(model, data, output, **extra) -> dict:
     return flags
 
 
+# No dropout: runs that must agree to the last bit (1 vs 2 processes, resumed) draw no dropout masks.
+STAGE_ONE = dict(
+    num_train_epochs=12, learning_rate=2e-2, lora_dropout=0.0, lora_target_modules=["query", "key", "value", "dense"]
+)
+
+
 @pytest.fixture(scope="module")
 def stage_one(tiny_blip, tmp_path_factory):
     """A cross-entropy adapter on 10 images x 3 captions (8 for training), trained until it says real words."""
     root = tmp_path_factory.mktemp("scst")
     data = make_caption_folder(root / "data", num_images=10, captions_per_image=3)
     output = root / "xe"
-    # No dropout: runs that must agree to the last bit (1 vs 2 processes, resumed) draw no dropout masks.
-    flags = _flags(tiny_blip, data, output, num_train_epochs=12, learning_rate=2e-2, lora_dropout=0.0)
-    flags["lora_target_modules"] = ["query", "key", "value", "dense"]
-    main(to_argv(**flags))
+    main(to_argv(**_flags(tiny_blip, data, output, **STAGE_ONE)))
     return data, output
 
 
@@ -107,9 +110,19 @@ def test_scst_flags_are_checked_before_anything_loads(stage_one, tmp_path):
         "--training_objective 'rl': choose xe or scst": dict(training_objective="rl"),
         "--scst_bleu_weight -1.0: must be 0 or more": dict(scst_bleu_weight=-1.0),
         "--training_objective scst does not support --image_splitting yet": dict(image_splitting=True),
+        "--scst_epochs runs SCST after cross-entropy epochs": dict(scst_epochs=1),
     }
-    for message, extra in cases.items():
-        flags = _flags(adapter, data, tmp_path / "x", **{"training_objective": "scst", **extra})
+    both_stages = {
+        "--scst_epochs -1.0: must be 0": dict(scst_epochs=-1),
+        "--scst_learning_rate is the learning rate of the --scst_epochs stage": dict(scst_learning_rate=1e-4),
+        "--scst_learning_rate -0.1: must be above 0": dict(scst_epochs=1, scst_learning_rate=-0.1),
+        "--max_steps 5 with --scst_epochs": dict(scst_epochs=1, max_steps=5),
+        "--scst_epochs does not support --image_splitting yet": dict(scst_epochs=1, image_splitting=True),
+        "--scst_epochs trains: add --do_train": dict(scst_epochs=1, do_train=False),
+    }
+    for message, extra in [*cases.items(), *both_stages.items()]:
+        objective = "scst" if message in cases else "xe"
+        flags = _flags(adapter, data, tmp_path / "x", **{"training_objective": objective, **extra})
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             validate_args(*parse_args(to_argv(**flags)))
 
@@ -165,4 +178,71 @@ def test_resumed_after_a_kill_ends_with_the_adapter_of_an_uninterrupted_run(stag
         [*command, "--resume_from_checkpoint", "latest"], env=_env(), capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _adapters_equal(straight, killed)
+
+
+# --- both stages in one command (--scst_epochs) -------------------------------------------------------------------
+
+BOTH_STAGES = dict(scst_epochs=2, scst_learning_rate=5e-3, scst_samples=3)
+
+
+def test_one_command_runs_both_stages_as_two_commands_do(stage_one, tiny_blip, tmp_path):
+    """--scst_epochs: stage 1 in <output_dir>/stage1_xe is the cross-entropy run itself, and stage 2, continuing in
+    memory, ends with the adapter of an SCST run started from stage 1's saved output (same scheduler, rate and
+    epochs); the card tells both stages, the plot and the logs hold both."""
+    data, stage_one_output = stage_one
+    second = tmp_path / "second"
+    main(
+        to_argv(
+            **_flags(
+                stage_one_output, data, second, training_objective="scst", scst_samples=3, num_train_epochs=2,
+                learning_rate=5e-3,
+            )
+        )
+    )  # fmt: skip
+    both = tmp_path / "both"
+    flags = _flags(tiny_blip, data, both, **STAGE_ONE, **BOTH_STAGES, logging_steps=1, eval_baseline=True)
+    results = main(to_argv(**flags))
+    _adapters_equal(stage_one_output, both / "stage1_xe")
+    _adapters_equal(second, both)
+    stage1_eval = json.loads((both / "stage1_xe" / "eval_results.json").read_text())
+    assert results["stage1_eval"]["eval_cider"] == stage1_eval["eval_cider"]
+    assert results["eval"]["eval_cider"] == json.loads((both / "eval_results.json").read_text())["eval_cider"]
+    history = json.loads((both / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "scst_reward" in entry] == [1, 2, 3, 4]
+    baseline = json.loads((both / "baseline_results.json").read_text())
+    assert baseline["eval_cider"] == results["baseline"]["eval_cider"]
+    card = (both / "README.md").read_text()
+    assert f"| {baseline['eval_cider']:.4f} |" in card  # the model before stage 1, in the results table
+    assert "Two stages in this one run" in card and "12 epochs of cross-entropy at learning rate 0.02" in card
+    assert f"ending at validation CIDEr-D {stage1_eval['eval_cider']:.4f}" in card
+    assert "2 epochs of self-critical sequence training at learning rate 0.005" in card
+    assert (both / "training_curves.png").is_file()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_both_stages_resumed_after_a_kill_end_as_one_uninterrupted_run(stage_one, tiny_blip, tmp_path, stage):
+    """Killed after a checkpoint of stage 1 (stage1_xe/checkpoint-4) or of stage 2 (checkpoint-2), then run again
+    with --resume_from_checkpoint latest: the same final adapter as the run never stopped."""
+    data, _ = stage_one
+    saving = dict(save_strategy="steps", save_steps=2, save_total_limit=2)
+    flags = {**STAGE_ONE, **BOTH_STAGES, "num_train_epochs": 4, **saving}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    main(to_argv(**_flags(tiny_blip, data, straight, **flags)))
+    command = [sys.executable, str(ROOT / "run_captioning.py"), *to_argv(**_flags(tiny_blip, data, killed, **flags))]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = (killed / "stage1_xe" / "checkpoint-4" if stage == 1 else killed / "checkpoint-2") / COMPLETE_MARKER
+    deadline = time.monotonic() + 300
+    while not marker.is_file():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, f"no {marker} in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "adapter_model.safetensors").exists()
+    resumed = subprocess.run(
+        [*command, "--resume_from_checkpoint", "latest"], env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _adapters_equal(straight / "stage1_xe", killed / "stage1_xe")
     _adapters_equal(straight, killed)
