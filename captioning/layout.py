@@ -116,12 +116,19 @@ class CaptionLayout:
 
     @property
     def generated_prefix_length(self) -> int:
-        """Positions at the start of ``generate``'s output that repeat the prompt (cut before decoding)."""
+        """Positions at the start of ``generate``'s output that are not the caption (cut before decoding): the
+        prompt a decoder repeats, or the decoder start token an encoder-decoder's output begins with."""
         if self.kind == BLIP_DECODER:
             return 1 + len(self.prompt_ids)
         if self.kind == DECODER_ONLY:
             return self.num_image_tokens + 1 + len(self.prompt_ids)
-        return 0
+        return 1
+
+    @property
+    def forced_first_token(self) -> int | None:
+        """A token the labels put before every caption that ``generate`` writes first too (Florence-2's ``<s>``):
+        sampling for SCST forces it there, and it is not part of the sampled caption. None for most layouts."""
+        return None
 
     def caption_tokens(self, sequences: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The positions of ``generate``'s output after those that repeat the prompt, for a batch whose prompt was

@@ -151,7 +151,21 @@ class SelfCritic:
     def generate(
         self, model, inputs: dict[str, torch.Tensor], greedy: bool, seeds: Sequence[int] = ()
     ) -> tuple[list[list[int]], list[bool]]:
+        sequences = model.generate(**inputs, **self.generation_settings(greedy, seeds))
+        return self.sampled_captions(sequences, inputs["input_ids"])
+
+    def sampled_captions(self, sequences: torch.Tensor, input_ids: torch.Tensor) -> tuple[list[list[int]], list[bool]]:
+        """The caption tokens of ``generate``'s output, as ``layout.training_row`` takes them (no decoder start, no
+        forced first token: the row puts those back), each cut at its end, and whether it ended."""
+        tokens = self.layout.caption_tokens(sequences, input_ids)
+        if self.layout.forced_first_token is not None:
+            tokens = tokens[:, 1:]
+        return split_at_end(tokens, self.end_ids)
+
+    def generation_settings(self, greedy: bool, seeds: Sequence[int] = ()) -> dict:
         settings = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, num_beams=1)
+        if self.layout.forced_first_token is not None:
+            settings["forced_bos_token_id"] = self.layout.forced_first_token
         if self.layout.image_token_id is not None:
             # A sampled image placeholder would make the loss forward's placeholders outnumber the image features.
             settings["suppress_tokens"] = [self.layout.image_token_id]
@@ -166,8 +180,7 @@ class SelfCritic:
                 top_p=1.0,
                 logits_processor=LogitsProcessorList([SeededSampling(seeds, self.temperature)]),
             )
-        sequences = model.generate(**inputs, **settings)
-        return split_at_end(self.layout.caption_tokens(sequences, inputs["input_ids"]), self.end_ids)
+        return settings
 
     def loss(
         self,

@@ -109,7 +109,7 @@ def test_default_lora_targets_are_the_language_models_attention_and_mlp(tiny_flo
 
 def test_training_batch_is_exact(processor, config):
     layout = build_layout(FLORENCE2, config, processor)  # the family's default prompt: <CAPTION>
-    assert not layout.predicts_next_token and layout.generated_prefix_length == 0
+    assert not layout.predicts_next_token and layout.generated_prefix_length == 1  # the decoder start </s>
     rows = _training_rows(2)
     batch = _collator(processor, layout)(rows)
     assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}

@@ -137,3 +137,50 @@ def test_sample_seeds_name_image_and_sample_not_batch_position():
     assert len(set(seeds)) == 4
     assert sample_seeds(42, 3, [2], 2) == seeds[2:]  # image 2's samples, wherever it sits in the batch
     assert sample_seeds(42, 4, [2], 2) != seeds[2:] and sample_seeds(43, 3, [2], 2) != seeds[2:]
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "tiny_blip",
+        "tiny_blip2_opt",
+        "tiny_blip2_t5",
+        "tiny_florence2",
+        "tiny_paligemma",
+        "tiny_smolvlm",
+        "tiny_idefics3",
+        "tiny_qwen2_5_vl",
+        "tiny_qwen3_vl",
+    ],
+)
+def test_the_training_row_of_a_sample_replays_what_generate_wrote(request, fixture):
+    """The loss scores the tokens that were sampled: a sample's training row feeds the model exactly the sequence
+    ``generate`` wrote (a decoder's input ids; an encoder-decoder's decoder start then its labels), up to its end.
+    Neither a decoder start token (Flan-T5's pad, Florence-2's </s>) nor Florence-2's forced <s> is a caption token."""
+    model, collator, critic, _ = critic_for(request.getfixturevalue(fixture))
+    layout = critic.layout
+    images = [Image.new("RGB", (40, 30), colour) for colour in [(200, 20, 20), (20, 20, 200)]]
+    batch = collator([{"image": image, "image_index": i} for i, image in enumerate(images)])
+    inputs = {key: value for key, value in batch.items() if key != "image_index"}
+    model.eval()
+    seeds = sample_seeds(0, 0, np.arange(2), critic.samples)
+    with torch.no_grad():
+        generated = model.generate(**inputs, **critic.generation_settings(greedy=False, seeds=seeds))
+    caption_ids, ended = critic.sampled_captions(generated, inputs["input_ids"])
+    _, counts = collator.processed_images([{"image": image} for image in images])
+    decoder_start = model.generation_config.decoder_start_token_id
+    lengths = []
+    for k, ids in enumerate(caption_ids):
+        row = layout.training_row(ids, None if counts is None else counts[k // critic.samples])
+        learnt = [position for position, label in enumerate(row["labels"]) if label != -100]
+        wrote = generated[k].tolist()
+        if layout.predicts_next_token:
+            padding = int((inputs["attention_mask"][k // critic.samples] == 0).sum())
+            replayed, wrote = row["input_ids"][: learnt[-1] + 1], wrote[padding:]
+        else:
+            replayed = [decoder_start, *[row["labels"][position] for position in learnt]]
+        if not ended[k]:
+            replayed = replayed[:-1]  # its end token is the row's, not sampled (and not learnt: mask_unfinished)
+        assert wrote[: len(replayed)] == replayed, k
+        lengths.append(len(ids))
+    assert any(lengths)  # not all samples empty

@@ -6,7 +6,7 @@ Layout (Q = the image processor's ``image_seq_length``, 577 for the real 768x768
     encoder input_ids   <image>*Q <s> task sentence </s>       (the processor's own encoding of the task token)
     labels              <s> caption </s>  [-100 padding]        (the tokenizer's own encoding of the caption)
     decoder input       </s> <s> caption                        (the model shifts the labels right from </s>)
-    generate output     </s> <s> caption </s>                   (special tokens skipped when decoding)
+    generate output     </s> <s> caption </s>                   (</s> cut, special tokens skipped when decoding)
 The labels keep BART's ``<s>``: the pretrained model writes it first ([2, 0, ...]), and a generation config that
 forces it (``forced_bos_token_id=0``) then shows the decoder the prefix it saw in training.
 """
@@ -39,6 +39,10 @@ class Florence2Layout(CaptionLayout):
 
     def training_sequence(self, caption_ids) -> tuple[list[int], list[int]]:
         return self.generation_prompt(), [self.bos_id, *caption_ids, self.eos_id]
+
+    @property
+    def forced_first_token(self) -> int:
+        return self.bos_id
 
 
 def build_layout(config: PretrainedConfig, processor, prompt: str = "<CAPTION>") -> Florence2Layout:
