@@ -1,7 +1,7 @@
 """Self-critical training end to end for every family of the family table, through ``main([...])`` with both stages
 in one command (--scst_epochs): LoRA for each family (but one, see STAGE_ONE), 4-bit LoRA and full fine-tuning for
-some. Stage 2 must log its
-rewards, change the weights stage 1 left, and leave a model that captions its test images as the run predicted."""
+some. Stage 2 must log its rewards, change the weights stage 1 left, and leave a model that captions its test images
+as the run predicted."""
 
 from __future__ import annotations
 
