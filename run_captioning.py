@@ -41,6 +41,7 @@ from captioning.modeling import (
     load_config,
     load_model,
     load_processor,
+    saved_by_a_run,
     vision_tower_frozen,
 )
 from captioning.outputs import write_captioning_config, write_json, write_predictions
@@ -260,7 +261,7 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict):
     training, family = args.training, plan.family
     processor = load_processor(args.model)
     if family.configure_processor is not None:  # --image_splitting, --min_pixels / --max_pixels
-        family.configure_processor(processor, args.data)
+        family.configure_processor(processor, args.data, from_run=saved_by_a_run(args.model))
     caption_prompt = family.prompt(args.data.caption_prompt)  # --caption_prompt, else the family's default
     # The processor's options (set above) and the layout come before the preprocessing cache, which follows them.
     layout = build_layout(family, plan.config, processor, caption_prompt)

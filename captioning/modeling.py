@@ -16,6 +16,7 @@ from transformers.utils import cached_file
 
 from captioning.arguments import LoraArguments, ModelArguments, split_comma_list
 from captioning.families import ModelFamily, check_config_json
+from captioning.outputs import CAPTIONING_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +85,25 @@ def check_adapter_args(model_args: ModelArguments, lora_args: LoraArguments) -> 
         )
 
 
-def load_processor(model_args: ModelArguments):
-    """The checkpoint's processor (image processor + tokenizer); the torchvision-backed one when available."""
+def processor_source(model_args: ModelArguments) -> str:
+    """Where the processor loads from: --processor_name_or_path, else the checkpoint (an adapter folder without a
+    processor: its base model's)."""
     source = model_args.processor_name_or_path or model_args.model_name_or_path
     if model_args.processor_name_or_path is None and adapter_base_model(source):
         has_processor = any((Path(source) / name).is_file() for name in _PROCESSOR_FILES)
         source = source if has_processor else base_model_path(model_args)
+    return source
+
+
+def saved_by_a_run(model_args: ModelArguments) -> bool:
+    """Whether the processor is the one a run of this tool saved (its output_dir has captioning_config.json)."""
+    return (Path(processor_source(model_args)) / CAPTIONING_CONFIG).is_file()
+
+
+def load_processor(model_args: ModelArguments):
+    """The checkpoint's processor (image processor + tokenizer); the torchvision-backed one when available."""
     return AutoProcessor.from_pretrained(
-        source,
+        processor_source(model_args),
         revision=model_args.revision,
         cache_dir=model_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,

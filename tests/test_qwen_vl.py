@@ -24,7 +24,8 @@ from captioning.families.qwen_vl import DEFAULT_PROMPT
 from captioning.families.smolvlm import conversation
 from captioning.grouping import shared_image_features
 from captioning.layout import IGNORE_INDEX
-from captioning.modeling import image_feature_module, load_model, resolve_lora_targets
+from captioning.modeling import image_feature_module, load_model, load_processor, resolve_lora_targets, saved_by_a_run
+from captioning.outputs import CAPTIONING_CONFIG
 from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
@@ -300,6 +301,33 @@ def test_pixel_flags_set_the_number_of_image_tokens(
     # The saved processor (a run's output, which inference and the card's snippet load) keeps the range.
     processor.save_pretrained(tmp_path)
     assert AutoProcessor.from_pretrained(tmp_path).image_processor.size == size
+
+
+@both
+def test_a_continued_run_keeps_the_pixel_range_its_processor_was_saved_with(request, fixture, tmp_path):
+    """SCST from a run trained with --max_pixels: a flag not given again keeps the run's range (the images are seen
+    as in stage 1); a flag given overrides it; a checkpoint that is not a run's output gets the defaults."""
+    path = request.getfixturevalue(fixture)
+    processor, family, _, _ = setup(path)
+    side = {"tiny_qwen2_5_vl": 28, "tiny_qwen3_vl": 32}[fixture]
+    token = side * side
+    family.configure_processor(processor, DataArguments(min_pixels=2 * token, max_pixels=9 * token))
+    run = tmp_path / "run"
+    processor.save_pretrained(run)
+    model_args = ModelArguments(model_name_or_path=str(run))
+    assert not saved_by_a_run(model_args)
+    (run / CAPTIONING_CONFIG).write_text("{}")  # what makes a folder a run's output
+    assert saved_by_a_run(model_args) and not saved_by_a_run(ModelArguments(model_name_or_path=str(path)))
+
+    def pixel_range(flags: DataArguments, from_run: bool) -> tuple[int, int]:
+        continued = load_processor(model_args)
+        family.configure_processor(continued, flags, from_run=from_run)
+        return continued.image_processor.size["shortest_edge"], continued.image_processor.size["longest_edge"]
+
+    assert pixel_range(DataArguments(), from_run=True) == (2 * token, 9 * token)
+    assert pixel_range(DataArguments(max_pixels=16 * token), from_run=True) == (2 * token, 16 * token)
+    assert pixel_range(DataArguments(max_pixels=token), from_run=True) == (token, token)
+    assert pixel_range(DataArguments(), from_run=False) == (4 * token, 256 * token)
 
 
 @both

@@ -41,10 +41,11 @@ class ModelFamily:
     check_config_json: Callable[[dict, str], None] | None = None
     # More keyword arguments of the snippet's `generate` call, as Python (e.g. PaliGemma's token_type_ids).
     snippet_generate_kwargs: str = ""
-    # (processor, data arguments) -> sets the image processor's options from the family's flags (--image_splitting,
-    # --min_pixels / --max_pixels) before the layout, the image cache and the saved processor use them; raises for
-    # an unusable value. Flags of other families are refused by check_image_flags.
-    configure_processor: Callable[[object, object], None] | None = None
+    # (processor, data arguments, from_run=...) -> sets the image processor's options from the family's flags
+    # (--image_splitting, --min_pixels / --max_pixels) before the layout, the image cache and the saved processor
+    # use them; raises for an unusable value. ``from_run``: the processor is a run's output (continued, e.g. by
+    # SCST), whose saved options stand where a flag is not given. Flags of other families: check_image_flags.
+    configure_processor: Callable[..., None] | None = None
     image_flags: tuple[str, ...] = ()  # the image-processor flags of DataArguments this family reads
     # False where images keep their own size (Qwen's dynamic resolution): no fixed-size uint8 preprocessing cache.
     fixed_image_size: bool = True

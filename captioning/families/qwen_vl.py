@@ -133,10 +133,11 @@ def build_layout(config: PretrainedConfig, processor, prompt: str = DEFAULT_PROM
     )
 
 
-def configure_processor(processor, data_args, *, label: str) -> None:
+def configure_processor(processor, data_args, *, label: str, from_run: bool = False) -> None:
     """Set the image processor's pixel range from --min_pixels / --max_pixels (defaults: 4 and 256 visual tokens'
-    worth, one token being (patch_size * merge_size)^2 pixels). Refuses a value below one token and a minimum above
-    the maximum."""
+    worth, one token being (patch_size * merge_size)^2 pixels; for a run's output, ``from_run``, the range it saved,
+    so that a continued run sees images as the run it continues did). Refuses a value below one token and a minimum
+    above the maximum."""
     image_processor = processor.image_processor
     side = image_processor.patch_size * image_processor.merge_size
     token = side * side
@@ -152,10 +153,11 @@ def configure_processor(processor, data_args, *, label: str) -> None:
             f"--min_pixels {min_pixels} is more than --max_pixels {max_pixels}: images could fit neither; give a "
             "minimum at most the maximum."
         )
+    saved = image_processor.size if from_run else {}
     if max_pixels is None:
-        max_pixels = max(DEFAULT_MAX_TOKENS * token, min_pixels or 0)
+        max_pixels = saved.get("longest_edge") or max(DEFAULT_MAX_TOKENS * token, min_pixels or 0)
     if min_pixels is None:
-        min_pixels = min(DEFAULT_MIN_TOKENS * token, max_pixels)
+        min_pixels = min(saved.get("shortest_edge") or DEFAULT_MIN_TOKENS * token, max_pixels)
     image_processor.size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
 
 

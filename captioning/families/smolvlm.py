@@ -123,9 +123,10 @@ def conversation(prompt: str, image=None, caption: str | None = None) -> list[di
     return messages
 
 
-def configure_processor(processor, data_args) -> None:
-    """``--image_splitting`` on the image processor (off unless given, whatever the checkpoint ships): the layout,
-    the collator, the saved processor and so inference (caption_images.py, the card's snippet) follow it."""
+def configure_processor(processor, data_args, *, from_run: bool = False) -> None:
+    """``--image_splitting`` on the image processor (off unless given, whatever the checkpoint or an earlier run
+    saved: ``from_run`` changes nothing): the layout, the collator, the saved processor and so inference
+    (caption_images.py, the card's snippet) follow it."""
     image_processor = processor.image_processor
     image_processor.do_image_splitting = bool(data_args.image_splitting)
     if image_processor.do_image_splitting:
