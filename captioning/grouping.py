@@ -118,8 +118,48 @@ def shared_image_features(
     if layout.grouping_by == "encoder_outputs":
         yield with_image_features(model, inputs, image_group, layout)
     else:
-        with expand_image_features(feature_module, image_group):
+        with expand_image_features(feature_module, image_group), once_per_image(model, layout, image_group):
             yield inputs
+
+
+@contextlib.contextmanager
+def once_per_image(model: torch.nn.Module, layout, image_group: torch.Tensor):
+    """While active, the modules named by ``layout.once_per_image`` (BLIP's cross-attention key and value
+    projections, whose input is the image features repeated for every caption) run on one row per image, and their
+    output is repeated for the image's rows: the same values, computed once instead of once per caption.
+
+    A LoRA-wrapped module shares its base layer only: the adapter branch still runs per row, so its dropout draws a
+    mask per caption as without sharing. Gradients flow back through the repetition, summed over the captions."""
+    if not layout.once_per_image:
+        yield
+        return
+    first_rows = torch.tensor(unique_first_rows(image_group.tolist()), dtype=torch.long)
+    handles = []
+
+    def select_first_rows(_module, args):
+        return (args[0].index_select(0, first_rows.to(args[0].device)), *args[1:])
+
+    def repeat_per_row(_module, _args, output):
+        return output.index_select(0, image_group.to(output.device))
+
+    for name, module in model.named_modules():
+        if name.endswith(layout.once_per_image):
+            shared = getattr(module, "base_layer", module)  # peft's LoRA layer: its frozen base
+            handles.append(shared.register_forward_pre_hook(select_first_rows))
+            handles.append(shared.register_forward_hook(repeat_per_row))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def unique_first_rows(image_group: list[int]) -> list[int]:
+    """For each image position 0..G-1 of ``image_group`` (every row's image), its first row."""
+    first: dict[int, int] = {}
+    for row, image in enumerate(image_group):
+        first.setdefault(image, row)
+    return [first[image] for image in range(len(first))]
 
 
 def with_image_features(model: torch.nn.Module, inputs: dict, image_group: torch.Tensor, layout) -> dict:

@@ -54,6 +54,10 @@ class CaptionLayout:
     # side also reads once per image placeholder (rows of grouped batches get their image's entry).
     image_input_keys: tuple[str, ...] = ("pixel_values",)
     row_image_keys: tuple[str, ...] = ()
+    # Modules (name suffixes) that read nothing but the image features a grouped batch repeats per caption: in a
+    # grouped batch they run once per image (captioning/grouping.py once_per_image). BLIP: the text decoder's
+    # cross-attention key and value projections.
+    once_per_image: tuple[str, ...] = ()
 
     @property
     def image_tokens(self) -> list[int]:

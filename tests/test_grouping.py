@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,51 @@ def test_sampler_chunks_and_drop_last():
     assert len(batches) == len(sampler) == 6 and all(len(batch) == 4 for batch in batches)
     for batch in batches:  # chunks of two captions of one image
         assert image_index[batch[0]] == image_index[batch[1]] and image_index[batch[2]] == image_index[batch[3]]
+
+
+def test_blip_cross_attention_keys_and_values_are_computed_once_per_image(tiny_blip):
+    """In a grouped batch BLIP's cross-attention key and value projections (LoRA'd here, with dropout, in training
+    mode) run their frozen base on one row per image; the adapter branch still runs per caption with its own dropout
+    mask, so loss and gradients equal those of the grouped batch without the sharing, draw for draw."""
+    config = AutoConfig.from_pretrained(tiny_blip)
+    fam = detect_family(config)
+    lora = LoraArguments(lora_dropout=0.3, lora_target_modules=["query", "key", "value"])
+    model = load_model(ModelArguments(model_name_or_path=str(tiny_blip)), lora, config, fam)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    model.train()
+    processor = AutoProcessor.from_pretrained(tiny_blip)
+    layout = build_layout(fam, config, processor)
+    batch = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=True)(_rows())
+    group = batch.pop("image_group")
+    shared = [
+        m
+        for n, m in model.named_modules()
+        if n.endswith(("crossattention.self.key.base_layer", "crossattention.self.value.base_layer"))
+    ]
+    assert shared and layout.once_per_image
+    rows_seen: list[int] = []
+
+    def loss_and_grads(run_layout):
+        model.zero_grad()
+        torch.manual_seed(7)
+        with shared_image_features(model, dict(batch), group, run_layout, image_feature_module(model, fam)) as inputs:
+            # registered after the sharing's hooks: sees the rows the base layer computes
+            handles = [module.register_forward_pre_hook(lambda _m, a: rows_seen.append(len(a[0]))) for module in shared]
+            loss = model(**inputs).loss
+            for handle in handles:
+                handle.remove()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    rows_seen.clear()
+    unshared_loss, unshared_grads = loss_and_grads(dataclasses.replace(layout, once_per_image=()))
+    assert set(rows_seen) == {6}  # one row per caption
+    rows_seen.clear()
+    shared_loss, shared_grads = loss_and_grads(layout)
+    assert set(rows_seen) == {3}  # one row per image
+    torch.testing.assert_close(shared_loss, unshared_loss, rtol=1e-6, atol=1e-7)
+    assert any(".crossattention.self.key.lora_A" in name for name in shared_grads)
+    for name in unshared_grads:
+        torch.testing.assert_close(shared_grads[name], unshared_grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -24,6 +24,7 @@ def build_layout(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, p
         pad_id=text.pad_token_id,
         prompt_ids=prompt_ids,
         caption_prefix=caption_prefix,
+        once_per_image=("crossattention.self.key", "crossattention.self.value"),
     )
 
 
