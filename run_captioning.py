@@ -24,6 +24,7 @@ from transformers import EarlyStoppingCallback, PretrainedConfig, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 from captioning.arguments import Arguments, parse_args, runs_scst, validate_args
+from captioning.augmentation import build_augmentation
 from captioning.checkpoints import MarkCompleteCheckpoints, resolve_resume_checkpoint
 from captioning.cider_reward import CiderD
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
@@ -196,6 +197,15 @@ def preprocess_images(args: Arguments, splits: dict, image_processor, family: Mo
         )
         return {}
 
+    cached = [name for name in ("train", "validation") if name in splits]
+    if args.data.image_augmentation != "none" and "train" in cached:
+        cached.remove("train")
+        logger.info(
+            "--image_augmentation %s crops each training image at full resolution: training images are decoded "
+            "every epoch (no preprocessing cache for them); validation images are cached.",
+            args.data.image_augmentation,
+        )
+
     def build() -> dict[str, ImageCache]:
         return {
             name: build_image_cache(
@@ -206,8 +216,7 @@ def preprocess_images(args: Arguments, splits: dict, image_processor, family: Mo
                 show_progress=args.training.should_log and not args.training.disable_tqdm,
                 description=f"{name} images",
             )
-            for name in ("train", "validation")
-            if name in splits
+            for name in cached
         }
 
     caches = run_on_main(build, what="Preprocessing the images")
@@ -216,11 +225,11 @@ def preprocess_images(args: Arguments, splits: dict, image_processor, family: Mo
     return caches
 
 
-def training_dataset(train, cache: ImageCache | None, images: bool = False):
+def training_dataset(train, cache: ImageCache | None, images: bool = False, augmentation=None):
     """Caption rows to train on (a view of the per-image split, or the stream itself); with SCST the images."""
     if train is None or isinstance(train, datasets.IterableDataset):
         return train
-    return CaptionImages(train, cache) if images else CaptionPairs(train, cache=cache)
+    return CaptionImages(train, cache) if images else CaptionPairs(train, cache=cache, augmentation=augmentation)
 
 
 def build_self_critic(args: Arguments, splits: dict, layout, collator, processor, model, family):
@@ -287,7 +296,12 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict):
         return CaptioningTrainer(
             model=model,
             args=stage_args,
-            train_dataset=training_dataset(splits.get("train"), caches.get("train"), critic is not None),
+            train_dataset=training_dataset(
+                splits.get("train"),
+                caches.get("train"),
+                critic is not None,
+                build_augmentation(args.data.image_augmentation),
+            ),
             eval_dataset=(
                 CaptionImages(splits["validation"], caches.get("validation")) if "validation" in splits else None
             ),

@@ -149,9 +149,12 @@ class CaptionPairs(torch.utils.data.Dataset):
     ``UnreadableImageError`` (give it a dataset that went through ``scan_splits``).
     """
 
-    def __init__(self, images: datasets.Dataset, cache: ImageCache | None = None):
+    def __init__(self, images: datasets.Dataset, cache: ImageCache | None = None, augmentation=None):
+        if cache is not None and augmentation is not None:
+            raise ValueError("Training-image augmentation crops the decoded images: give no preprocessing cache.")
         self.images = images
         self.cache = cache  # resized uint8 pixels of ``images`` (captioning/image_cache.py), or None
+        self.augmentation = augmentation  # PIL image -> PIL image (captioning/augmentation.py), or None
         self._references = images.select_columns(["references"])
         counts = np.array([len(refs) for refs in read_columns(images, ["references"])["references"]], dtype=np.int64)
         self.image_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
@@ -163,8 +166,9 @@ class CaptionPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image_index = int(self.image_index[i])
+        image = _view_image(self.images, self.cache, image_index)
         return {
-            "image": _view_image(self.images, self.cache, image_index),
+            "image": image if self.augmentation is None else self.augmentation(image),
             "caption": self._references[image_index]["references"][int(self.caption_index[i])],
             "image_index": image_index,
         }

@@ -123,6 +123,7 @@ class Hyperparameters:
     label_smoothing: float
     max_caption_length: int
     metric_for_best_model: str | None
+    image_augmentation: str = "none"
 
 
 @dataclass
@@ -603,6 +604,7 @@ def _hyperparameters(training_args, model_args, data_args, label_smoothing: floa
         seed=training_args.seed,
         label_smoothing=float(label_smoothing),
         max_caption_length=data_args.max_caption_length,
+        image_augmentation=getattr(data_args, "image_augmentation", "none"),
         metric_for_best_model=training_args.metric_for_best_model if training_args.load_best_model_at_end else None,
     )
 
