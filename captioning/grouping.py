@@ -129,8 +129,10 @@ def once_per_image(model: torch.nn.Module, layout, image_group: torch.Tensor):
     output is repeated for the image's rows: the same values, computed once instead of once per caption.
 
     A LoRA-wrapped module shares its base layer only: the adapter branch still runs per row, so its dropout draws a
-    mask per caption as without sharing. Gradients flow back through the repetition, summed over the captions."""
-    if not layout.once_per_image:
+    mask per caption as without sharing. Gradients flow back through the repetition, summed over the captions.
+    Not with activation checkpointing: a checkpointed layer runs its forward again during backward, after these
+    hooks are gone, and would compute other shapes than it saved."""
+    if not layout.once_per_image or activation_checkpointing(model):
         yield
         return
     first_rows = torch.tensor(unique_first_rows(image_group.tolist()), dtype=torch.long)
@@ -152,6 +154,11 @@ def once_per_image(model: torch.nn.Module, layout, image_group: torch.Tensor):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether some layer of ``model`` recomputes its forward in backward (transformers' gradient checkpointing)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def unique_first_rows(image_group: list[int]) -> list[int]:
