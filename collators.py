@@ -33,7 +33,8 @@ class CaptionCollator:
     With ``group_images`` (training rows then carry ``image_index``), each image is processed once:
         ``pixel_values`` (U, 3, H, W) for the U distinct images and ``image_group`` long (B,), the position of each
         row's image among them (see captioning/grouping.py).
-    ``image`` may also be the uint8 (3, H, W) pixels of the preprocessing cache, already at the model's size.
+    ``image`` may also be the uint8 (3, H, W) pixels of the preprocessing cache, already at the model's size. Rows
+    with ``image_features`` instead (the feature cache) give ``image_features`` (B or U, ...) instead of pixels.
     Generation rows ``{"image": PIL.Image, "image_index": int}`` (no caption) give
         ``pixel_values``, the prompt as ``input_ids`` / ``attention_mask`` (B, P) and ``image_index`` long (B,).
     """
@@ -65,6 +66,8 @@ class CaptionCollator:
     def processed_images(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], list | None]:
         """``image_inputs`` and what each image's prompt depends on (``layout.image_token_counts``, read from all
         the image processor returned: SmolVLM's tile grids are no model input)."""
+        if "image_features" in rows[0]:  # cached (captioning/feature_cache.py): the image side's output, per image
+            return {"image_features": torch.stack([row["image_features"] for row in rows])}, None
         images = [row["image"] for row in rows]
         if isinstance(images[0], torch.Tensor):  # preprocessed once (captioning/image_cache.py): already resized
             output = self.layout.process_images(self.image_processor, images, do_resize=False)

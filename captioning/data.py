@@ -149,12 +149,13 @@ class CaptionPairs(torch.utils.data.Dataset):
     ``UnreadableImageError`` (give it a dataset that went through ``scan_splits``).
     """
 
-    def __init__(self, images: datasets.Dataset, cache: ImageCache | None = None, augmentation=None):
-        if cache is not None and augmentation is not None:
+    def __init__(self, images: datasets.Dataset, cache: ImageCache | None = None, augmentation=None, features=None):
+        if (cache is not None or features is not None) and augmentation is not None:
             raise ValueError("Training-image augmentation crops the decoded images: give no preprocessing cache.")
         self.images = images
         self.cache = cache  # resized uint8 pixels of ``images`` (captioning/image_cache.py), or None
         self.augmentation = augmentation  # PIL image -> PIL image (captioning/augmentation.py), or None
+        self.features = features  # cached image features (captioning/feature_cache.py): rows carry no image
         self._references = images.select_columns(["references"])
         counts = np.array([len(refs) for refs in read_columns(images, ["references"])["references"]], dtype=np.int64)
         self.image_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
@@ -166,10 +167,13 @@ class CaptionPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image_index = int(self.image_index[i])
+        caption = self._references[image_index]["references"][int(self.caption_index[i])]
+        if self.features is not None:
+            return {"image_features": self.features[image_index], "caption": caption, "image_index": image_index}
         image = _view_image(self.images, self.cache, image_index)
         return {
             "image": image if self.augmentation is None else self.augmentation(image),
-            "caption": self._references[image_index]["references"][int(self.caption_index[i])],
+            "caption": caption,
             "image_index": image_index,
         }
 
@@ -180,9 +184,10 @@ class CaptionImages(torch.utils.data.Dataset):
     An image that cannot be decoded raises ``UnreadableImageError``, as in ``CaptionPairs``.
     """
 
-    def __init__(self, images: datasets.Dataset, cache: ImageCache | None = None):
+    def __init__(self, images: datasets.Dataset, cache: ImageCache | None = None, features=None):
         self.images = images
         self.cache = cache
+        self.features = features  # cached image features (captioning/feature_cache.py): rows carry no image
         columns = read_columns(images, ["references", "image_id"])
         self.references: list[list[str]] = columns["references"]
         self.image_ids: list[str] = columns["image_id"]
@@ -192,4 +197,6 @@ class CaptionImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = int(i)
+        if self.features is not None:
+            return {"image_features": self.features[i], "image_index": i}
         return {"image": _view_image(self.images, self.cache, i), "image_index": i}

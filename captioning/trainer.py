@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,12 +16,14 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.trainer_utils import EvalLoopOutput, seed_worker
 
 from captioning.checkpoints import rotate_run_checkpoints
 from captioning.data import CaptionImages, CaptionPairs
 from captioning.distributed import run_on_main
 from captioning.families import ModelFamily
+from captioning.feature_cache import substituted_output
 from captioning.grouping import ImageGroupedBatchSampler, shared_image_features
 from captioning.layout import IGNORE_INDEX, CaptionLayout
 from captioning.outputs import write_json, write_text_atomic
@@ -74,6 +77,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         captions_per_image_in_batch: int = 1,
         run_id: str | None = None,
         self_critic=None,
+        cached_feature: str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -90,6 +94,9 @@ class CaptioningTrainer(Seq2SeqTrainer):
         self.scorer = scorer
         # captioning/scst.py: with --training_objective scst, training batches are images, the loss self-critical.
         self.self_critic = self_critic
+        # captioning/feature_cache.py: batches may carry the image side's cached output (``image_features``), which
+        # image_feature_module then returns as this field of its output instead of running.
+        self.cached_feature = cached_feature
 
     # --- image-grouped training: one vision pass per image for all of its captions in the batch ------------------
 
@@ -101,10 +108,26 @@ class CaptioningTrainer(Seq2SeqTrainer):
             )
             return (loss, None) if return_outputs else loss
         image_group = inputs.pop("image_group", None)
-        if image_group is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with self.shared_image_features(model, inputs, image_group) as inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.fed_features(inputs) as inputs:
+            if image_group is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with self.shared_image_features(model, inputs, image_group) as inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def fed_features(self, inputs: dict):
+        """Inputs of a batch that carries cached image features: while active, the image side returns them instead
+        of running (pixel_values becomes a (B, 1, 1, 1) stand-in, from which ``generate`` reads the batch size).
+        Other batches pass through."""
+        if "image_features" not in inputs:
+            yield inputs
+            return
+        inputs = dict(inputs)
+        features = inputs.pop("image_features")
+        inputs["pixel_values"] = features.new_zeros(len(features), 1, 1, 1)
+        output = BaseModelOutputWithPooling(**{self.cached_feature: features})
+        with substituted_output(self.image_feature_module, output):
+            yield inputs
 
     def shared_image_features(self, model, inputs: dict, image_group: torch.Tensor):
         return shared_image_features(
@@ -239,7 +262,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         inputs = dict(inputs)
         image_group = inputs.pop("image_group", None)
         labels = inputs["labels"]
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), self.fed_features(inputs) as inputs:
             if image_group is None:
                 logits = model(**inputs).logits
             else:
@@ -258,7 +281,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         ``forward``, which ``generate`` bypasses); under ZeRO-3/FSDP every process steps together."""
         kwargs = dict(self.generation_kwargs)
         kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.accelerator.autocast(), self.fed_features(inputs) as inputs:
             return self.model.generate(**generation_inputs(inputs), **kwargs)
 
     def evaluation_loop(
@@ -309,7 +332,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
     def caption_loss(self, dataset: CaptionImages, description, ignore_keys, metric_key_prefix) -> float:
         """Teacher-forced loss over every (image, reference) pair of the evaluation images: mean cross-entropy per
         caption token (no label smoothing)."""
-        pairs = CaptionPairs(dataset.images, cache=dataset.cache)
+        pairs = CaptionPairs(dataset.images, cache=dataset.cache, features=dataset.features)
         dataloader = self._get_dataloader(
             pairs,
             description=f"{description} loss",

@@ -49,6 +49,10 @@ class ModelFamily:
     image_flags: tuple[str, ...] = ()  # the image-processor flags of DataArguments this family reads
     # False where images keep their own size (Qwen's dynamic resolution): no fixed-size uint8 preprocessing cache.
     fixed_image_size: bool = True
+    # --cache_image_features: the field of image_feature_module's output that is the whole image side's result, when
+    # that module is where the image side ends (BLIP: the vision tower's "last_hidden_state"); None where the family
+    # has no feature cache yet.
+    cached_feature: str | None = None
 
     def prompt(self, caption_prompt: str | None) -> str:
         """The caption prompt of a run: ``--caption_prompt`` if given, else the family's default."""

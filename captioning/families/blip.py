@@ -45,6 +45,7 @@ BLIP = ModelFamily(
     vision_prefix="vision_model.",
     vision_lora_target_modules=("qkv", "projection"),
     image_feature_module="vision_model",
+    cached_feature="last_hidden_state",
     num_beams=3,  # BLIP's caption recipe: beams 3, 5-20 tokens
     max_new_tokens=20,
     min_new_tokens=5,
