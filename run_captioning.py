@@ -280,7 +280,9 @@ def cache_image_features(args: Arguments, splits: dict, caches: dict, collator, 
     def compute(image_inputs: dict) -> torch.Tensor:
         pixels = image_inputs["pixel_values"].to(device, next(module.parameters()).dtype)
         with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-            return module(pixel_values=pixels)[family.cached_feature]
+            features = module(pixel_values=pixels)[family.cached_feature]
+        # Kept in the run's precision: under autocast the layers that read them compute in it anyway.
+        return features if precision is None else features.to(precision)
 
     def build() -> dict:
         module.eval()
