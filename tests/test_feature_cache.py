@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from captioning.arguments import LoraArguments, ModelArguments
 from captioning.families import detect_family
-from captioning.feature_cache import build_feature_store, store_key, substituted_output, weights_digest
+from captioning.feature_cache import FeatureStore, build_feature_store, store_key, substituted_output, weights_digest
 from captioning.grouping import shared_image_features
 from captioning.modeling import image_feature_module, load_model
 from collators import CaptionCollator, build_layout
@@ -187,3 +187,15 @@ def test_required_where_it_cannot_apply_is_refused_before_loading(
 def test_off_when_the_vision_side_trains_and_the_log_says_why(tiny_blip, caption_folder, tmp_path, capsys):
     main(tiny_run_argv(tiny_blip, caption_folder, tmp_path / "x", lora_vision=True, do_predict=False))
     assert "no feature cache): the image side trains" in capsys.readouterr().out
+
+
+def test_a_bf16_run_keeps_bf16_features_and_the_losses_of_the_pixel_path(tiny_blip, caption_folder, tmp_path):
+    flags = dict(bf16=True, use_cpu=True, num_train_epochs=2, seed=1, do_predict=False)
+    cached = main(
+        tiny_run_argv(tiny_blip, caption_folder, tmp_path / "a", image_cache_dir=str(tmp_path / "c"), **flags)
+    )
+    stores = [FeatureStore(folder) for folder in (tmp_path / "c" / "features").iterdir()]
+    assert len(stores) == 2 and {store.dtype for store in stores} == {torch.bfloat16}
+    plain = main(tiny_run_argv(tiny_blip, caption_folder, tmp_path / "b", cache_image_features=False, **flags))
+    assert cached["train"]["train_loss"] == pytest.approx(plain["train"]["train_loss"], rel=1e-6)
+    assert cached["eval"]["eval_loss"] == pytest.approx(plain["eval"]["eval_loss"], rel=1e-6)
