@@ -18,7 +18,6 @@ import captioning  # noqa: F401  (first: quiets a warning bitsandbytes logs when
 
 # isort: on
 import datasets
-import torch
 import transformers
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, PretrainedConfig, set_seed
@@ -31,9 +30,9 @@ from captioning.cider_reward import CiderD
 from captioning.data import CaptionImages, CaptionPairs, load_caption_splits
 from captioning.distributed import end_processes, run_on_main
 from captioning.families import ModelFamily, check_image_flags, detect_family
-from captioning.feature_cache import build_feature_store, store_key, weights_digest
+from captioning.feature_cache import cache_image_features, feature_cache_off_reason
 from captioning.hub import check_push_config, push_output_dir
-from captioning.image_cache import ImageCache, build_image_cache, cache_key, default_cache_root
+from captioning.image_cache import ImageCache, build_image_cache
 from captioning.model_card import adapted_module_names, build_card_context, count_split_sizes, write_model_card
 from captioning.modeling import (
     apply_label_smoothing,
@@ -237,79 +236,6 @@ def training_dataset(train, cache: ImageCache | None, images: bool = False, augm
     if images:
         return CaptionImages(train, cache)
     return CaptionPairs(train, cache=cache, augmentation=augmentation, features=features)
-
-
-def feature_cache_off_reason(args: Arguments, family: ModelFamily, model=None) -> str | None:
-    """Why --cache_image_features cannot apply to this run (None: it can); without ``model``, what the flags
-    alone tell."""
-    if family.cached_feature is None:
-        return f"{family.label} has no image feature cache yet (BLIP has)"
-    if not family.fixed_image_size:
-        return f"{family.label} keeps each image at its own size"
-    if args.data.image_augmentation != "none":
-        return f"--image_augmentation {args.data.image_augmentation} changes the images every epoch"
-    if args.data.streaming:
-        return "--streaming reads each training image once as it comes"
-    if args.caption.training_objective == "scst":
-        return "--training_objective scst samples from the images' pixels"
-    if model is not None and not vision_tower_frozen(model, family):
-        return "the image side trains (--lora_vision or full fine-tuning without --freeze_vision_tower)"
-    return None
-
-
-def cache_image_features(args: Arguments, splits: dict, caches: dict, collator, model, family) -> dict:
-    """--cache_image_features: each training and validation image's features, computed once (captioning/
-    feature_cache.py) by the main process on its device, opened by the others; {} when off (the log says why)."""
-    wanted = args.data.cache_image_features
-    if wanted is False:
-        return {}
-    reason = feature_cache_off_reason(args, family, model)
-    if reason is not None:
-        if wanted:
-            raise ValueError(f"--cache_image_features true cannot apply: {reason}. Drop the flag.")
-        logger.info("Image features are computed in every step (no feature cache): %s.", reason)
-        return {}
-    training = args.training
-    module = image_feature_module(model, family)
-    if all(parameter.device.type == "cpu" for parameter in module.parameters()):
-        module.to(training.device)  # where the Trainer puts the model: the features are computed there
-    device = next(module.parameters()).device
-    precision = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
-    weights = weights_digest(module)
-
-    def compute(image_inputs: dict) -> torch.Tensor:
-        pixels = image_inputs["pixel_values"].to(device, next(module.parameters()).dtype)
-        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-            features = module(pixel_values=pixels)[family.cached_feature]
-        # Kept in the run's precision: under autocast the layers that read them compute in it anyway.
-        return features if precision is None else features.to(precision)
-
-    def build() -> dict:
-        module.eval()
-        stores = {}
-        for name in ("train", "validation"):
-            if name not in splits:
-                continue
-            images = CaptionImages(splits[name], caches.get(name))
-            key = store_key(
-                cache_key(splits[name], collator.image_processor), family.name, weights, f"{precision}/{device.type}"
-            )
-            stores[name] = build_feature_store(
-                images,
-                collator.image_inputs,
-                compute,
-                folder=Path(args.data.image_cache_dir or default_cache_root()) / "features" / key,
-                batch_size=training.per_device_eval_batch_size,
-                show_progress=training.should_log and not training.disable_tqdm,
-                description=f"{name} images",
-            )
-        return stores
-
-    stores = run_on_main(build, what="Caching the image features")
-    if not PartialState().is_main_process:
-        stores = build()  # opens the main process's stores
-    logger.info("Image features cached: training and evaluation run without the image side (%s).", family.label)
-    return stores
 
 
 def build_self_critic(args: Arguments, splits: dict, layout, collator, processor, model, family):

@@ -9,7 +9,8 @@ them without running (``substituted_output``).
 A store is keyed by the images (the preprocessing cache's key: paths and modification times, resize settings), the
 family, a digest of the image side's weights and the dtype: any change builds a new one. It is built by the main
 process with a progress bar and opened by the others; its size per image and in total is logged first, and a store
-that would not fit in the free disk is refused with the size it needs.
+that would not fit in the free disk is refused with the size it needs. ``cache_image_features`` decides, for a
+run, whether the cache applies (``feature_cache_off_reason``) and builds or opens its stores.
 """
 
 from __future__ import annotations
@@ -26,9 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from captioning.image_cache import STAGING_MARK, check_free_space, remove_stale_staging
+from captioning.data import CaptionImages
+from captioning.distributed import run_on_main
+from captioning.families import ModelFamily
+from captioning.image_cache import (
+    STAGING_MARK,
+    cache_key,
+    check_free_space,
+    default_cache_root,
+    remove_stale_staging,
+)
+from captioning.modeling import image_feature_module, vision_tower_frozen
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +114,13 @@ def build_feature_store(
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(folder.parent)
     logger.info(
-        "Caching the image features of %d %s: %s %s per image, %.1f MiB per image, %.2f GiB in all, in %s",
+        "Caching the image features of %d %s: %s %s, %s per image, %s in all, in %s",
         len(images),
         description,
         "x".join(map(str, first.shape)),
         str(dtype).removeprefix("torch."),
-        per_image / 2**20,
-        per_image * len(images) / 2**30,
+        human_size(per_image),
+        human_size(per_image * len(images)),
         folder,
     )
     check_free_space(per_image * len(images), folder.parent, f"image features of {len(images)} {description}")
@@ -137,6 +149,15 @@ def build_feature_store(
     return FeatureStore(folder)
 
 
+def human_size(size: float) -> str:
+    """``812 B``, ``4.3 KiB``, ``1.7 MiB``, ``13.4 GiB``."""
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 @contextlib.contextmanager
 def substituted_output(module: torch.nn.Module, output):
     """While active, calling ``module`` returns ``output`` without running it (its forward hooks still run)."""
@@ -150,3 +171,80 @@ def substituted_output(module: torch.nn.Module, output):
             module.forward = original
         else:
             del module.forward
+
+
+# --- the run's stores (run_captioning.py) ---------------------------------------------------------------------
+
+
+def feature_cache_off_reason(args, family: ModelFamily, model=None) -> str | None:
+    """Why --cache_image_features cannot apply to this run (None: it can); without ``model``, what the flags
+    alone tell."""
+    if family.cached_feature is None:
+        return f"{family.label} has no image feature cache yet (BLIP has)"
+    if not family.fixed_image_size:
+        return f"{family.label} keeps each image at its own size"
+    if args.data.image_augmentation != "none":
+        return f"--image_augmentation {args.data.image_augmentation} changes the images every epoch"
+    if args.data.streaming:
+        return "--streaming reads each training image once as it comes"
+    if args.caption.training_objective == "scst":
+        return "--training_objective scst samples from the images' pixels"
+    if model is not None and not vision_tower_frozen(model, family):
+        return "the image side trains (--lora_vision or full fine-tuning without --freeze_vision_tower)"
+    return None
+
+
+def cache_image_features(args, splits: dict, caches: dict, collator, model, family: ModelFamily) -> dict:
+    """--cache_image_features for a run (``args``: run_captioning's parsed argument groups): each training and
+    validation image's features, computed once by the main process on its device and opened by the others, as
+    {split: FeatureStore}; {} when off (the log says why)."""
+    wanted = args.data.cache_image_features
+    if wanted is False:
+        return {}
+    reason = feature_cache_off_reason(args, family, model)
+    if reason is not None:
+        if wanted:
+            raise ValueError(f"--cache_image_features true cannot apply: {reason}. Drop the flag.")
+        logger.info("Image features are computed in every step (no feature cache): %s.", reason)
+        return {}
+    training = args.training
+    module = image_feature_module(model, family)
+    if all(parameter.device.type == "cpu" for parameter in module.parameters()):
+        module.to(training.device)  # where the Trainer puts the model: the features are computed there
+    device = next(module.parameters()).device
+    precision = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
+    weights = weights_digest(module)
+
+    def compute(image_inputs: dict) -> torch.Tensor:
+        pixels = image_inputs["pixel_values"].to(device, next(module.parameters()).dtype)
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            features = module(pixel_values=pixels)[family.cached_feature]
+        # Kept in the run's precision: under autocast the layers that read them compute in it anyway.
+        return features if precision is None else features.to(precision)
+
+    def build() -> dict:
+        module.eval()
+        stores = {}
+        for name in ("train", "validation"):
+            if name not in splits:
+                continue
+            images = CaptionImages(splits[name], caches.get(name))
+            key = store_key(
+                cache_key(splits[name], collator.image_processor), family.name, weights, f"{precision}/{device.type}"
+            )
+            stores[name] = build_feature_store(
+                images,
+                collator.image_inputs,
+                compute,
+                folder=Path(args.data.image_cache_dir or default_cache_root()) / "features" / key,
+                batch_size=training.per_device_eval_batch_size,
+                show_progress=training.should_log and not training.disable_tqdm,
+                description=f"{name} images",
+            )
+        return stores
+
+    stores = run_on_main(build, what="Caching the image features")
+    if not PartialState().is_main_process:
+        stores = build()  # opens the main process's stores
+    logger.info("Image features cached: training and evaluation run without the image side (%s).", family.label)
+    return stores
