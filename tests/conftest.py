@@ -29,6 +29,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Every family's tiny checkpoint fixture (below), for tests that run on each family of the family table.
+FAMILY_FIXTURES = (
+    "tiny_blip",
+    "tiny_blip2_opt",
+    "tiny_blip2_t5",
+    "tiny_florence2",
+    "tiny_paligemma",
+    "tiny_smolvlm",
+    "tiny_idefics3",
+    "tiny_qwen2_5_vl",
+    "tiny_qwen3_vl",
+)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 THINGS = ("dog", "cat", "ball", "man")
 

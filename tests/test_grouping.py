@@ -15,6 +15,7 @@ from captioning.families import detect_family
 from captioning.grouping import ImageGroupedBatchSampler, shared_image_features, unique_images
 from captioning.modeling import image_feature_module, load_model, vision_tower_frozen
 from collators import CaptionCollator, build_layout
+from tests.conftest import FAMILY_FIXTURES
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 CAPTIONS = ["a red dog", "the dog is red", "a man on the grass", "two blue cats", "a ball", "blue water"]
@@ -33,20 +34,7 @@ def test_unique_images_maps_rows_to_first_occurrences():
     assert group.tolist() == [0, 1, 0, 2, 1, 0]
 
 
-@pytest.mark.parametrize(
-    "fixture",
-    [
-        "tiny_blip",
-        "tiny_blip2_opt",
-        "tiny_blip2_t5",
-        "tiny_florence2",
-        "tiny_paligemma",
-        "tiny_smolvlm",
-        "tiny_idefics3",
-        "tiny_qwen2_5_vl",
-        "tiny_qwen3_vl",
-    ],
-)
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
 def test_grouped_loss_and_gradients_equal_ungrouped(request, fixture):
     """Captions of one image share one pass of the image side (up to the family's image_feature_module, or the
     chat VLMs' get_image_features), repeated for each caption row: the loss and every LoRA gradient equal those of

@@ -16,21 +16,11 @@ from safetensors.torch import load_file
 from captioning.images import load_image
 from captioning.inference import load_captioner
 from run_captioning import main
-from tests.conftest import tiny_run_argv
+from tests.conftest import FAMILY_FIXTURES, tiny_run_argv
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = [
-    "tiny_blip",
-    "tiny_blip2_opt",
-    "tiny_blip2_t5",
-    "tiny_florence2",
-    "tiny_paligemma",
-    "tiny_smolvlm",
-    "tiny_idefics3",
-    "tiny_qwen2_5_vl",
-    "tiny_qwen3_vl",
-]
+FAMILIES = FAMILY_FIXTURES
 BOTH_STAGES = dict(
     num_train_epochs=4,  # stage 1 long enough that some samples share words with the references (else no update)
     learning_rate=3e-3,

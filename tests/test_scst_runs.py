@@ -164,21 +164,27 @@ def test_resumed_after_a_kill_ends_with_the_adapter_of_an_uninterrupted_run(stag
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     saving = dict(max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=2)
     main(to_argv(**_scst(stage_one, straight, **saving)))
-    command = [sys.executable, str(ROOT / "run_captioning.py"), *to_argv(**_scst(stage_one, killed, **saving))]
+    _kill_then_resume(to_argv(**_scst(stage_one, killed, **saving)), killed / "checkpoint-4", killed)
+    _adapters_equal(straight, killed)
+
+
+def _kill_then_resume(flags: list[str], checkpoint: Path, output: Path) -> None:
+    """Run the job in a subprocess, SIGKILL it once ``checkpoint`` is complete, then rerun it with
+    --resume_from_checkpoint latest to the end."""
+    command = [sys.executable, str(ROOT / "run_captioning.py"), *flags]
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (killed / "checkpoint-4" / COMPLETE_MARKER).is_file():
+    while not (checkpoint / COMPLETE_MARKER).is_file():
         assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint-4 in time"
+        assert time.monotonic() < deadline, f"no {checkpoint} in time"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    assert not (killed / "adapter_model.safetensors").exists()
+    assert not (output / "adapter_model.safetensors").exists()
     resumed = subprocess.run(
         [*command, "--resume_from_checkpoint", "latest"], env=_env(), capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _adapters_equal(straight, killed)
 
 
 # --- both stages in one command (--scst_epochs) -------------------------------------------------------------------
@@ -229,20 +235,7 @@ def test_both_stages_resumed_after_a_kill_end_as_one_uninterrupted_run(stage_one
     flags = {**STAGE_ONE, **BOTH_STAGES, "num_train_epochs": 4, **saving}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     main(to_argv(**_flags(tiny_blip, data, straight, **flags)))
-    command = [sys.executable, str(ROOT / "run_captioning.py"), *to_argv(**_flags(tiny_blip, data, killed, **flags))]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = (killed / "stage1_xe" / "checkpoint-4" if stage == 1 else killed / "checkpoint-2") / COMPLETE_MARKER
-    deadline = time.monotonic() + 300
-    while not marker.is_file():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, f"no {marker} in time"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert not (killed / "adapter_model.safetensors").exists()
-    resumed = subprocess.run(
-        [*command, "--resume_from_checkpoint", "latest"], env=_env(), capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    checkpoint = killed / "stage1_xe" / "checkpoint-4" if stage == 1 else killed / "checkpoint-2"
+    _kill_then_resume(to_argv(**_flags(tiny_blip, data, killed, **flags)), checkpoint, killed)
     _adapters_equal(straight / "stage1_xe", killed / "stage1_xe")
     _adapters_equal(straight, killed)

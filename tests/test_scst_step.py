@@ -16,6 +16,7 @@ from captioning.grouping import shared_image_features
 from captioning.modeling import image_feature_module, load_model
 from captioning.scst import SeededSampling, SelfCritic, mask_unfinished, policy_gradient_loss, sample_seeds
 from collators import CaptionCollator, build_layout
+from tests.conftest import FAMILY_FIXTURES
 
 REFERENCES = [["a red dog", "the dog is red"], ["two blue cats"], ["a man on the grass"]]
 
@@ -52,20 +53,7 @@ def critic_for(path, samples=3, baseline="mean"):
     return model, collator, critic, shared
 
 
-@pytest.mark.parametrize(
-    "fixture",
-    [
-        "tiny_blip",
-        "tiny_blip2_opt",
-        "tiny_blip2_t5",
-        "tiny_florence2",
-        "tiny_paligemma",
-        "tiny_smolvlm",
-        "tiny_idefics3",
-        "tiny_qwen2_5_vl",
-        "tiny_qwen3_vl",
-    ],
-)
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
 def test_scst_loss_equals_the_policy_gradient_loss_of_each_sample_alone(request, fixture):
     model, collator, critic, shared = critic_for(request.getfixturevalue(fixture))
     images = [Image.new("RGB", (40, 30), colour) for colour in [(200, 20, 20), (20, 20, 200)]]
@@ -139,20 +127,7 @@ def test_sample_seeds_name_image_and_sample_not_batch_position():
     assert sample_seeds(42, 4, [2], 2) != seeds[2:] and sample_seeds(43, 3, [2], 2) != seeds[2:]
 
 
-@pytest.mark.parametrize(
-    "fixture",
-    [
-        "tiny_blip",
-        "tiny_blip2_opt",
-        "tiny_blip2_t5",
-        "tiny_florence2",
-        "tiny_paligemma",
-        "tiny_smolvlm",
-        "tiny_idefics3",
-        "tiny_qwen2_5_vl",
-        "tiny_qwen3_vl",
-    ],
-)
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
 def test_the_training_row_of_a_sample_replays_what_generate_wrote(request, fixture):
     """The loss scores the tokens that were sampled: a sample's training row feeds the model exactly the sequence
     ``generate`` wrote (a decoder's input ids; an encoder-decoder's decoder start then its labels), up to its end.
