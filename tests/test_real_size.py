@@ -68,6 +68,8 @@ def job_flags(model: Path, data: Path, output: Path) -> list[str]:
 
 def check_outputs(output: Path, log: str) -> None:
     assert "Preprocessed 76 train images once" in log and "Preprocessed 10 validation images once" in log
+    # BLIP LoRA leaves the vision tower frozen: by default its features are computed once, then fed
+    assert "Caching the image features of 76 train images" in log and "Image features cached" in log
     predictions = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 10 and all(row["image"].startswith("photo_") for row in predictions)
     assert all(len(row["references"]) == 3 for row in predictions)
@@ -151,3 +153,31 @@ def test_qwen_and_then_scst_finish_on_real_photos_in_two_processes(tiny_qwen2_5_
     run_bounded([*launch, *flags])
     history = json.loads((scst / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "scst_reward" in entry] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_LIMIT_S + 60)
+def test_both_stages_and_augmentation_finish_on_real_photos_in_two_processes(tiny_blip, photo_folder, tmp_path):
+    """2 processes, real photos, one command: cross-entropy on cached image features (built by the main process,
+    opened by the other), then --scst_epochs 1 on pixels; then an augmented run (random crops at full resolution,
+    no training cache). Both finish under the bound."""
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
+        "run_captioning.py",
+    ]  # fmt: skip
+    both = tmp_path / "both"
+    flags = job_flags(tiny_blip, photo_folder, both) + [
+        "--scst_epochs", "1", "--scst_samples", "3", "--logging_steps", "1", "--do_predict", "false",
+    ]  # fmt: skip
+    log = run_bounded([*launch, *flags])
+    assert "Image features cached" in log and "Stage 2: self-critical training" in log
+    history = json.loads((both / "trainer_state.json").read_text())["log_history"]
+    assert any("scst_reward" in entry for entry in history)
+    assert (both / "stage1_xe" / "adapter_model.safetensors").is_file() and (
+        both / "adapter_model.safetensors"
+    ).is_file()
+    augmented = tmp_path / "augmented"
+    log = run_bounded([*launch, *job_flags(tiny_blip, photo_folder, augmented), "--image_augmentation", "lavis"])
+    assert "training images are decoded every epoch" in log and "--image_augmentation lavis changes the images" in log
+    assert len(json.loads((augmented / "predictions.jsonl").read_text().splitlines()[0])["references"]) == 3
