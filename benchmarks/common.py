@@ -37,6 +37,7 @@ from captioning.tiny_models import tiny_image_processor  # noqa: E402
 
 BLIP_BASE_VOCAB_SIZE = 30524  # bert-base-uncased's 30522 + [DEC] + [ENC], as in Salesforce/blip-image-captioning-base
 CAPTIONS_PER_IMAGE = 5  # Flickr8k / COCO
+FLICKR8K_IMAGES = 8091  # photos in Flickr8k's image folder (its splits: 6,000 training, 1,000 validation, 1,000 test)
 SOURCE_IMAGE_SIZE = (500, 375)  # a typical Flickr8k photo (width, height)
 
 # Caption words; every word is one WordPiece token of the benchmark tokenizer (as most Flickr8k words are in BERT's).
@@ -91,6 +92,13 @@ def blip_config(tokenizer, *, image_size: int = 384, hidden: int = 768, layers: 
         text_config.update(sizes, num_attention_heads=heads, encoder_hidden_size=hidden)
         vision_config.update(sizes, num_attention_heads=heads)
     return BlipConfig(text_config=text_config, vision_config=vision_config, projection_dim=min(hidden, 512))
+
+
+def blip_feature_shape(config: BlipConfig) -> tuple[int, int]:
+    """What --cache_image_features stores per image for BLIP: the vision tower's ``last_hidden_state``, one token
+    per patch plus the class token, each ``hidden_size`` wide ((577, 768) for BLIP-base at 384 px)."""
+    vision = config.vision_config
+    return ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
 
 
 def build_checkpoint(

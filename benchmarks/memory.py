@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Peak memory of loading the BLIP-base-shaped captioner and one LoRA training step: fp32 vs 8-bit weights.
+"""Peak memory of loading the BLIP-base-shaped captioner and one LoRA training step: fp32 vs 8-bit weights; and the
+disk the image-feature cache takes per image for BLIP-base and BLIP-2 OPT-2.7b.
 
 The random-weight base is saved once with ``save_pretrained``; each mode then runs in a fresh subprocess that loads
 it from disk through the project's ``load_model`` (``LoraArguments(load_in_8bit=...)``, LoRA r 16 on the text
@@ -9,7 +10,14 @@ AdamW. Reported per mode: the process's peak RSS (``ru_maxrss``, what the OS had
 pages of the memory-mapped safetensors included), the peak of its anonymous RSS (sampled every 5 ms from
 /proc/self/status: the memory it allocated itself), and on a GPU ``torch.cuda.max_memory_allocated``.
 
-    .venv/bin/python benchmarks/memory.py            # full run (20-45 s on 2 CPU cores)
+The feature cache (``--cache_image_features``, captioning/feature_cache.py) keeps one tensor per image in the run's
+precision: BLIP's vision-tower output (patch tokens + 1, vision width) and BLIP-2's language projection of its query
+tokens (query tokens, language-model width). Bytes per image and for Flickr8k's 8,091 images are computed from the
+configs (BLIP-base as built here; BLIP-2 OPT-2.7b from a Blip2Config of its published sizes, nothing downloaded),
+and each shape is checked against a real forward: this run's BLIP checkpoint, and a BLIP-2 whose image side is
+shrunk but whose query tokens and language-model width are OPT-2.7b's.
+
+    .venv/bin/python benchmarks/memory.py            # full run (30-70 s on 2 CPU cores)
     .venv/bin/python benchmarks/memory.py --quick    # smoke run (tiny model)
 """
 
@@ -27,8 +35,10 @@ from pathlib import Path
 import common
 import torch
 from PIL import Image
+from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipForConditionalGeneration
 
 MODES = ("fp32", "8bit")
+FEATURE_PRECISIONS = {"bf16": 2, "fp32": 4}  # bytes per stored value (fp16 as bf16)
 
 
 class AnonRssSampler:
@@ -113,6 +123,109 @@ def child(mode: str, checkpoint: str, image: str, captions: list[str]) -> dict:
     return result
 
 
+def blip2_opt_2_7b_config() -> Blip2Config:
+    """Salesforce/blip2-opt-2.7b's sizes: ViT-g/14 at 224 px (1408 wide, 39 layers), a 12-layer Q-Former with 32
+    query tokens, OPT-2.7b (2560 wide, 32 layers, vocabulary 50272). A config only: no weights."""
+    return Blip2Config(
+        vision_config=dict(
+            hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, image_size=224
+        ),
+        qformer_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, encoder_hidden_size=1408),
+        text_config=dict(
+            model_type="opt",
+            hidden_size=2560,
+            ffn_dim=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            word_embed_proj_dim=2560,
+            vocab_size=50272,
+            max_position_embeddings=2048,
+        ),
+        num_query_tokens=32,
+    )
+
+
+def blip2_feature_shape(config: Blip2Config) -> tuple[int, int]:
+    """What --cache_image_features stores per image for BLIP-2: the language projection of the Q-Former's query
+    tokens (query tokens, language-model width)."""
+    return (config.num_query_tokens, config.text_config.hidden_size)
+
+
+def check_blip_shape(checkpoint: Path) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """One image's vision-tower output from the saved checkpoint (what the BLIP store keeps): its shape measured by
+    a forward, and computed from the checkpoint's config."""
+    model = BlipForConditionalGeneration.from_pretrained(checkpoint)
+    size = model.config.vision_config.image_size
+    with torch.no_grad():
+        output = model.vision_model(pixel_values=torch.zeros(1, 3, size, size))
+    return tuple(output.last_hidden_state.shape[1:]), common.blip_feature_shape(model.config)
+
+
+def measured_blip2_shape(config: Blip2Config) -> tuple[int, ...]:
+    """The shape of one image's language projection (what the BLIP-2 store keeps) from a forward of a BLIP-2 with
+    ``config``'s query tokens and language-model width, its vision tower and Q-Former shrunk and its language model
+    cut to one layer (a ~30M-parameter build instead of 3.9B)."""
+    from captioning.families import BLIP2_OPT
+    from captioning.modeling import image_feature_module
+
+    text = config.text_config
+    small = Blip2Config(
+        vision_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=28
+        ),
+        qformer_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, encoder_hidden_size=64
+        ),
+        text_config=dict(
+            model_type="opt",
+            hidden_size=text.hidden_size,
+            word_embed_proj_dim=text.word_embed_proj_dim,
+            num_attention_heads=text.num_attention_heads,
+            num_hidden_layers=1,
+            ffn_dim=64,
+            vocab_size=64,
+            max_position_embeddings=64,
+        ),
+        num_query_tokens=config.num_query_tokens,
+    )
+    model = Blip2ForConditionalGeneration(small).eval()
+    shapes = []
+    module = image_feature_module(model, BLIP2_OPT)  # the language projection
+    handle = module.register_forward_hook(lambda _module, _args, output: shapes.append(tuple(output.shape[1:])))
+    try:
+        with torch.no_grad():
+            model.get_image_features(pixel_values=torch.zeros(1, 3, 28, 28))
+    finally:
+        handle.remove()
+    return shapes[0]
+
+
+def feature_cache_sizes(checkpoint: Path, image_size: int, quick: bool) -> dict:
+    """Bytes per image of the feature cache for BLIP-base and BLIP-2 OPT-2.7b in bf16 and fp32, the totals for
+    Flickr8k's 8,091 images, and the shapes checked against real forwards."""
+    shapes = {
+        "blip_base": common.blip_feature_shape(common.blip_config(common.build_tokenizer(), image_size=image_size)),
+        "blip2_opt": blip2_feature_shape(blip2_opt_2_7b_config()),
+    }
+    output = {f"feature_cache_shape_{model}": list(shape) for model, shape in shapes.items()}
+    for model, shape in shapes.items():
+        for precision, value_bytes in FEATURE_PRECISIONS.items():
+            per_image = shape[0] * shape[1] * value_bytes
+            output[f"feature_cache_bytes_per_image_{model}_{precision}"] = per_image
+            output[f"feature_cache_gib_flickr8k_{model}_{precision}"] = round(
+                per_image * common.FLICKR8K_IMAGES / 2**30, 2
+            )
+    # The forwards: this run's checkpoint (BLIP-base dims, or the tiny model with --quick) and a BLIP-2 of
+    # OPT-2.7b's output sizes.
+    checked = {
+        "blip_tiny" if quick else "blip_base": check_blip_shape(checkpoint),
+        "blip2_opt": (measured_blip2_shape(blip2_opt_2_7b_config()), shapes["blip2_opt"]),
+    }
+    output["feature_cache_shape_measured"] = {model: list(measured) for model, (measured, _) in checked.items()}
+    output["feature_cache_shapes_match_config"] = all(measured == shape for measured, shape in checked.values())
+    return output
+
+
 def run_child(mode: str, checkpoint: Path, row: dict, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--checkpoint", str(checkpoint)]
     command += ["--image", row["image"], "--captions_json", json.dumps(row["references"])]
@@ -146,6 +259,7 @@ def main(argv=None) -> dict:
         row = common.make_image_folder(workdir / "images", 1)[0]
         results = {mode: run_child(mode, checkpoint, row, args) for mode in MODES}
         checkpoint_mb = sum(path.stat().st_size for path in checkpoint.glob("*.safetensors")) / 2**20
+        features = feature_cache_sizes(checkpoint, args.image_size, args.quick)
     for mode in MODES:
         print(f"{mode}: {results[mode]}", flush=True)
 
@@ -171,11 +285,14 @@ def main(argv=None) -> dict:
         output["peak_cuda_mb_fp32"] = round(fp32["peak_cuda_mb"], 1)
         output["peak_cuda_mb_8bit"] = round(int8["peak_cuda_mb"], 1)
         output["peak_cuda_ratio_8bit_over_fp32"] = round(int8["peak_cuda_mb"] / fp32["peak_cuda_mb"], 3)
+    output.update(features)
     output["settings"] = {
         "model": common.model_description(args.quick),
         "image_size": dims["image_size"],
         "checkpoint_mb": round(checkpoint_mb, 1),
         "step": "1 image x 5 captions, image-grouped, fp32 compute, AdamW on LoRA r 16 query/value",
+        "feature_cache": "BLIP-base at --image_size and BLIP-2 OPT-2.7b (224 px, 32 query tokens) from their configs; "
+        f"totals for {common.FLICKR8K_IMAGES} images; bf16 = fp16 = 2 bytes per value, fp32 = 4",
         "threads": threads,
         "quick": args.quick,
         "wall_s": round(wall(), 1),

@@ -87,6 +87,8 @@ class StepTimes(TrainerCallback):
         self.ends: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():  # the step's kernels are queued, not done, when the Trainer returns from it
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
 
     def intervals(self) -> list[float]:
@@ -150,8 +152,9 @@ def build_trainer(
     )
 
 
-def build_features(model, processor, rows, cache, folder: Path, precision: str) -> FeatureStore:
-    """The vision tower's output for every image, once, as run_captioning builds it (one batch of 10 at a time)."""
+def build_features(model, processor, rows, cache, folder: Path, precision: str, batch_size: int = 10) -> FeatureStore:
+    """The vision tower's output for every image, once, as run_captioning builds it (``batch_size`` images at a
+    time), stored in the run's precision (bf16 under bf16 autocast, where the layer norm's output is fp32)."""
     module = image_feature_module(model, BLIP)
     layout = build_layout(BLIP, model.config, processor.tokenizer)
     collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout)
@@ -159,11 +162,12 @@ def build_features(model, processor, rows, cache, folder: Path, precision: str) 
 
     def compute(inputs):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return module(pixel_values=inputs["pixel_values"].to(device))[BLIP.cached_feature]
+            features = module(pixel_values=inputs["pixel_values"].to(device))[BLIP.cached_feature]
+        return features.to(torch.bfloat16) if precision == "bf16" else features
 
     images = CaptionImages(common.per_image_dataset(rows), cache)
     return build_feature_store(
-        images, collator.image_inputs, compute, folder=folder, batch_size=10, show_progress=False
+        images, collator.image_inputs, compute, folder=folder, batch_size=batch_size, show_progress=False
     )
 
 
