@@ -34,7 +34,8 @@ class CaptionCollator:
         ``pixel_values`` (U, 3, H, W) for the U distinct images and ``image_group`` long (B,), the position of each
         row's image among them (see captioning/grouping.py).
     ``image`` may also be the uint8 (3, H, W) pixels of the preprocessing cache, already at the model's size. Rows
-    with ``image_features`` instead (the feature cache) give ``image_features`` (B or U, ...) instead of pixels.
+    with ``image_features`` instead (the feature cache) give ``image_features``, the list of their B or U records
+    (dicts of tensors, captioning/feature_cache.py), instead of pixels.
     Generation rows ``{"image": PIL.Image, "image_index": int}`` (no caption) give
         ``pixel_values``, the prompt as ``input_ids`` / ``attention_mask`` (B, P) and ``image_index`` long (B,).
     """
@@ -67,7 +68,17 @@ class CaptionCollator:
         """``image_inputs`` and what each image's prompt depends on (``layout.image_token_counts``, read from all
         the image processor returned: SmolVLM's tile grids are no model input)."""
         if "image_features" in rows[0]:  # cached (captioning/feature_cache.py): the image side's output, per image
-            return {"image_features": torch.stack([row["image_features"] for row in rows])}, None
+            records = [dict(row["image_features"]) for row in rows]
+            # Inputs the language side reads per image (Qwen's image_grid_thw) are stored in the records.
+            inputs = {
+                key: torch.cat([record.pop(key) for record in records])
+                for key in self.layout.image_input_keys
+                if key in records[0]
+            }
+            counts = [row["image_token_count"] for row in rows] if "image_token_count" in rows[0] else None
+            if counts is None and inputs:
+                counts = self.layout.image_token_counts(inputs)
+            return {"image_features": records, **inputs}, counts
         images = [row["image"] for row in rows]
         if isinstance(images[0], torch.Tensor):  # preprocessed once (captioning/image_cache.py): already resized
             output = self.layout.process_images(self.image_processor, images, do_resize=False)

@@ -297,7 +297,7 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict):
     )
     self_critic = build_self_critic(args, splits, layout, collator, processor, model, family)
     two_stages = args.caption.scst_epochs > 0
-    features = cache_image_features(args, splits, caches, collator, model, family)
+    features, feature_feed = cache_image_features(args, splits, caches, collator, model, family, layout)
 
     def trainer_for(stage_args, critic) -> CaptioningTrainer:
         return CaptioningTrainer(
@@ -324,7 +324,7 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict):
             captions_per_image_in_batch=training.captions_per_image_in_batch if group_images else 1,
             run_id=plan.run_id,
             self_critic=critic,
-            cached_feature=family.cached_feature if features else None,
+            feature_feed=feature_feed,
             callbacks=[MarkCompleteCheckpoints(plan.run_id), *early_stopping(args.caption)],
         )
 

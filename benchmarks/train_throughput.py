@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 from captioning.arguments import CaptioningTrainingArguments
 from captioning.data import CaptionImages, CaptionPairs
 from captioning.families import BLIP
-from captioning.feature_cache import FeatureStore, build_feature_store
+from captioning.feature_cache import FeatureFeed, FeatureStore, build_feature_store
 from captioning.grouping import ImageGroupedBatchSampler
 from captioning.image_cache import build_image_cache
 from captioning.modeling import image_feature_module
@@ -147,7 +147,7 @@ def build_trainer(
         scorer=None,
         image_feature_module=image_feature_module(model, BLIP),
         captions_per_image_in_batch=captions_per_image,
-        cached_feature=BLIP.cached_feature if features is not None else None,
+        feature_feed=feature_feed(model, processor, features),
         callbacks=[timer],
     )
 
@@ -155,27 +155,38 @@ def build_trainer(
 def build_features(model, processor, rows, cache, folder: Path, precision: str, batch_size: int = 10) -> FeatureStore:
     """The vision tower's output for every image, once, as run_captioning builds it (``batch_size`` images at a
     time), stored in the run's precision (bf16 under bf16 autocast, where the layer norm's output is fp32)."""
-    module = image_feature_module(model, BLIP)
     layout = build_layout(BLIP, model.config, processor.tokenizer)
     collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout)
-    device = next(module.parameters()).device
+    feed = FeatureFeed(model, BLIP, layout)
+    device = next(feed.module.parameters()).device
 
     def compute(inputs):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            features = module(pixel_values=inputs["pixel_values"].to(device))[BLIP.cached_feature]
-        return features.to(torch.bfloat16) if precision == "bf16" else features
+            records, structure = feed.records({"pixel_values": inputs["pixel_values"].to(device)})
+        if precision == "bf16":
+            records = [{name: value.to(torch.bfloat16) for name, value in record.items()} for record in records]
+        return records, structure
 
     images = CaptionImages(common.per_image_dataset(rows), cache)
     return build_feature_store(
-        images, collator.image_inputs, compute, folder=folder, batch_size=batch_size, show_progress=False
+        images, collator.processed_images, compute, folder=folder, batch_size=batch_size, show_progress=False
     )
+
+
+def feature_feed(model, processor, features: FeatureStore | None) -> FeatureFeed | None:
+    """What feeds ``features`` to the model in place of its vision tower, as run_captioning sets it up."""
+    if features is None:
+        return None
+    feed = FeatureFeed(model, BLIP, build_layout(BLIP, model.config, processor.tokenizer))
+    feed.structure = features.structure
+    return feed
 
 
 def first_batch_shape(trainer) -> dict:
     """What one step computes on: images through the vision tower, and caption rows x tokens through the decoder."""
     batch = next(iter(trainer.get_train_dataloader()))
     images = batch["pixel_values"] if "pixel_values" in batch else batch["image_features"]
-    return {"images_per_step": int(images.shape[0]), "tokens_per_row": int(batch["input_ids"].shape[1])}
+    return {"images_per_step": len(images), "tokens_per_row": int(batch["input_ids"].shape[1])}
 
 
 def data_ms_per_row(trainer, mode: str, batch_size: int, batches: int = 3) -> float:

@@ -141,6 +141,16 @@ def _load_view_image(value: Any, index: int) -> Image.Image:
         ) from error
 
 
+def cached_image(features, index: int) -> dict[str, Any]:
+    """The row fields of an image from the feature cache (captioning/feature_cache.py): its record of features and,
+    where placeholders vary per image, their count."""
+    row = {"image_features": features[index]}
+    count = features.image_token_count(index)
+    if count is not None:
+        row["image_token_count"] = count
+    return row
+
+
 class CaptionPairs(torch.utils.data.Dataset):
     """Training view: one row per (image, caption) pair of a per-image dataset.
 
@@ -169,7 +179,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         image_index = int(self.image_index[i])
         caption = self._references[image_index]["references"][int(self.caption_index[i])]
         if self.features is not None:
-            return {"image_features": self.features[image_index], "caption": caption, "image_index": image_index}
+            return {**cached_image(self.features, image_index), "caption": caption, "image_index": image_index}
         image = _view_image(self.images, self.cache, image_index)
         return {
             "image": image if self.augmentation is None else self.augmentation(image),
@@ -198,5 +208,5 @@ class CaptionImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = int(i)
         if self.features is not None:
-            return {"image_features": self.features[i], "image_index": i}
+            return {**cached_image(self.features, i), "image_index": i}
         return {"image": _view_image(self.images, self.cache, i), "image_index": i}

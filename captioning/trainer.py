@@ -16,14 +16,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.trainer_utils import EvalLoopOutput, seed_worker
 
 from captioning.checkpoints import rotate_run_checkpoints
 from captioning.data import CaptionImages, CaptionPairs
 from captioning.distributed import run_on_main
 from captioning.families import ModelFamily
-from captioning.feature_cache import substituted_output
 from captioning.grouping import ImageGroupedBatchSampler, shared_image_features
 from captioning.layout import IGNORE_INDEX, CaptionLayout
 from captioning.outputs import write_json, write_text_atomic
@@ -77,7 +75,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         captions_per_image_in_batch: int = 1,
         run_id: str | None = None,
         self_critic=None,
-        cached_feature: str | None = None,
+        feature_feed=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -95,8 +93,8 @@ class CaptioningTrainer(Seq2SeqTrainer):
         # captioning/scst.py: with --training_objective scst, training batches are images, the loss self-critical.
         self.self_critic = self_critic
         # captioning/feature_cache.py: batches may carry the image side's cached output (``image_features``), which
-        # image_feature_module then returns as this field of its output instead of running.
-        self.cached_feature = cached_feature
+        # the FeatureFeed makes the image side return instead of running.
+        self.feature_feed = feature_feed
 
     # --- image-grouped training: one vision pass per image for all of its captions in the batch ------------------
 
@@ -108,26 +106,21 @@ class CaptioningTrainer(Seq2SeqTrainer):
             )
             return (loss, None) if return_outputs else loss
         image_group = inputs.pop("image_group", None)
-        with self.fed_features(inputs) as inputs:
+        with self.fed_features(inputs, image_group) as (inputs, image_group):
             if image_group is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             with self.shared_image_features(model, inputs, image_group) as inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     @contextlib.contextmanager
-    def fed_features(self, inputs: dict):
-        """Inputs of a batch that carries cached image features: while active, the image side returns them instead
-        of running (pixel_values becomes a (B, 1, 1, 1) stand-in, from which ``generate`` reads the batch size).
-        Other batches pass through."""
+    def fed_features(self, inputs: dict, image_group: torch.Tensor | None = None):
+        """(inputs, image_group) of a batch: where it carries cached image features, rewritten so that, while
+        active, the image side returns them instead of running (FeatureFeed.fed). Other batches pass through."""
         if "image_features" not in inputs:
-            yield inputs
+            yield inputs, image_group
             return
-        inputs = dict(inputs)
-        features = inputs.pop("image_features")
-        inputs["pixel_values"] = features.new_zeros(len(features), 1, 1, 1)
-        output = BaseModelOutputWithPooling(**{self.cached_feature: features})
-        with substituted_output(self.image_feature_module, output):
-            yield inputs
+        with self.feature_feed.fed(inputs, image_group) as fed:
+            yield fed
 
     def shared_image_features(self, model, inputs: dict, image_group: torch.Tensor):
         return shared_image_features(
@@ -262,7 +255,11 @@ class CaptioningTrainer(Seq2SeqTrainer):
         inputs = dict(inputs)
         image_group = inputs.pop("image_group", None)
         labels = inputs["labels"]
-        with torch.no_grad(), self.compute_loss_context_manager(), self.fed_features(inputs) as inputs:
+        with (
+            torch.no_grad(),
+            self.compute_loss_context_manager(),
+            self.fed_features(inputs, image_group) as (inputs, image_group),
+        ):
             if image_group is None:
                 logits = model(**inputs).logits
             else:
@@ -281,7 +278,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         ``forward``, which ``generate`` bypasses); under ZeRO-3/FSDP every process steps together."""
         kwargs = dict(self.generation_kwargs)
         kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
-        with torch.no_grad(), self.accelerator.autocast(), self.fed_features(inputs) as inputs:
+        with torch.no_grad(), self.accelerator.autocast(), self.fed_features(inputs) as (inputs, _):
             return self.model.generate(**generation_inputs(inputs), **kwargs)
 
     def evaluation_loop(

@@ -12,104 +12,160 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from captioning.arguments import LoraArguments, ModelArguments
+from captioning.data import cached_image
 from captioning.families import detect_family
-from captioning.feature_cache import FeatureStore, build_feature_store, store_key, substituted_output, weights_digest
+from captioning.feature_cache import FeatureFeed, FeatureStore, build_feature_store, store_key, weights_digest
 from captioning.grouping import shared_image_features
 from captioning.modeling import image_feature_module, load_model
+from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
-from tests.conftest import tiny_run_argv
+from tests.conftest import FAMILY_FIXTURES, tiny_run_argv
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+SIZES = [(500, 375), (375, 500), (640, 480)]  # real photo sizes; Qwen gives each its own number of tokens
 CAPTIONS = ["a red dog", "the dog is red", "a man on the grass", "two blue cats", "a ball", "blue water"]
+ORDER = [0, 1, 0, 2, 1, 0]
 
 
-def _rows(features=None):
-    images = [Image.new("RGB", (500, 375), colour) for colour in COLOURS]
-    order = [0, 1, 0, 2, 1, 0]
+def _images():
+    return [Image.new("RGB", size, colour) for size, colour in zip(SIZES, COLOURS, strict=True)]
+
+
+def _rows(store=None):
+    """Six caption rows of three images (0, 1, 0, 2, 1, 0): the images, or their records in ``store``."""
+    images = _images()
     rows = []
-    for row, i in enumerate(order):
-        image = {"image": images[i]} if features is None else {"image_features": features[i]}
+    for row, i in enumerate(ORDER):
+        image = {"image": images[i]} if store is None else cached_image(store, i)
         rows.append({**image, "caption": CAPTIONS[row], "image_index": i})
     return rows
 
 
-@pytest.fixture(scope="module")
-def blip(tiny_blip):
-    config = AutoConfig.from_pretrained(tiny_blip)
+def _family_model(path):
+    config = AutoConfig.from_pretrained(path)
     family = detect_family(config)
     torch.manual_seed(0)
-    model = load_model(
-        ModelArguments(model_name_or_path=str(tiny_blip)), LoraArguments(lora_dropout=0.0), config, family
-    )
-    for name, parameter in model.named_parameters():
+    model = load_model(ModelArguments(model_name_or_path=str(path)), LoraArguments(lora_dropout=0.0), config, family)
+    model.eval()  # no dropout anywhere: the two paths must agree exactly, not in expectation
+    for name, parameter in model.named_parameters():  # LoRA B starts at zero; make the adapters matter
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
-    model.eval()
-    processor = AutoProcessor.from_pretrained(tiny_blip)
-    return model, family, processor, build_layout(family, config, processor)
+    processor = AutoProcessor.from_pretrained(path)
+    layout = build_layout(family, config, processor, None if family.default_prompt else "a photo of ")
+    return model, family, processor, layout
+
+
+def _store(feed, collator, folder):
+    """The three images' features, through a real store (one image per batch, as a run with batch size 1)."""
+    store = build_feature_store(
+        [{"image": image} for image in _images()],
+        collator.processed_images,
+        feed.records,
+        folder=folder,
+        batch_size=1,
+        show_progress=False,
+    )
+    feed.structure = store.structure
+    return store
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_loss_and_gradients_on_cached_features_equal_the_pixel_path(blip, grouped):
-    model, family, processor, layout = blip
-    module = image_feature_module(model, family)
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
+def test_loss_and_gradients_on_cached_features_equal_the_pixel_path(request, tmp_path, fixture, grouped):
+    """Every family, with and without image grouping: a batch that feeds the stored features gives the loss and
+    every LoRA gradient of the same batch on pixels, and the vision tower does not run."""
+    model, family, processor, layout = _family_model(request.getfixturevalue(fixture))
     collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=grouped)
-    pixel_rows = _rows()
-    with torch.no_grad():  # the store's computation: one image at a time
-        features = [module(pixel_values=collator.pixel_values([row]))[family.cached_feature][0] for row in pixel_rows]
-    by_image = {row["image_index"]: feature for row, feature in zip(pixel_rows, features, strict=True)}
+    feed = FeatureFeed(model, family, layout)
+    store = _store(feed, collator, tmp_path / "store")
+    feature_module = image_feature_module(model, family)
 
     def loss_and_grads(batch):
         model.zero_grad()
         batch = dict(batch)
         group = batch.pop("image_group", None)
-        cached = batch.pop("image_features", None)
         with contextlib.ExitStack() as stack:
-            if cached is not None:  # as CaptioningTrainer.fed_features does
-                batch["pixel_values"] = cached.new_zeros(len(cached), 1, 1, 1)
-                output = BaseModelOutputWithPooling(**{family.cached_feature: cached})
-                stack.enter_context(substituted_output(module, output))
+            if "image_features" in batch:  # as CaptioningTrainer.fed_features does
+                batch, group = stack.enter_context(feed.fed(batch, group))
             if group is not None:
-                batch = stack.enter_context(shared_image_features(model, batch, group, layout, module))
+                batch = stack.enter_context(shared_image_features(model, batch, group, layout, feature_module))
             loss = model(**batch).loss
         loss.backward()
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
-    pixel_loss, pixel_grads = loss_and_grads(collator(pixel_rows))
-    cached_batch = collator(_rows(by_image))
-    assert "pixel_values" not in cached_batch and cached_batch["image_features"].shape[0] == (3 if grouped else 6)
+    pixel_loss, pixel_grads = loss_and_grads(collator(_rows()))
+    cached_batch = collator(_rows(store))
+    assert "pixel_values" not in cached_batch and len(cached_batch["image_features"]) == (3 if grouped else 6)
+    vision = model.get_base_model().get_submodule(family.vision_prefix.rstrip("."))
     calls = []
-    handle = module.register_forward_pre_hook(lambda *_: calls.append(1))
+    layers = [module for module in vision.modules() if module is not vision]  # BLIP's tower itself: hooks only
+    handles = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in layers]
     cached_loss, cached_grads = loss_and_grads(cached_batch)
-    handle.remove()
-    assert calls == [1]  # the hooks run, the vision tower does not (its forward is replaced)
+    for handle in handles:
+        handle.remove()
+    assert layers and calls == []  # no layer of the vision tower ran
     torch.testing.assert_close(cached_loss, pixel_loss, rtol=1e-5, atol=1e-6)
+    assert cached_grads.keys() == pixel_grads.keys()
     for name in pixel_grads:
         torch.testing.assert_close(cached_grads[name], pixel_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
+def test_beam_search_on_cached_features_writes_what_it_writes_on_pixels(request, tmp_path, fixture):
+    """``generate`` with 2 beams expands the stand-in pixels per beam; the features it is handed follow."""
+    model, family, processor, layout = _family_model(request.getfixturevalue(fixture))
+    collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout)
+    feed = FeatureFeed(model, family, layout)
+    store = _store(feed, collator, tmp_path / "store")
+    rows = [{"image": image, "image_index": i} for i, image in enumerate(_images())]
+    settings = dict(num_beams=2, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        on_pixels = model.generate(**generation_inputs(collator(rows)), **settings)
+        cached = collator([{**cached_image(store, i), "image_index": i} for i in range(3)])
+        with feed.fed(cached, None) as (cached, _):
+            on_features = model.generate(**generation_inputs(cached), **settings)
+    assert torch.equal(on_features, on_pixels)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_store_is_written_once_reused_and_read_back_exactly(tmp_path, dtype):
+    """Records of named tensors whose first axis differs from image to image (Qwen's tokens per image) and an
+    integer input kept with them come back exactly, with each image's placeholder count."""
     rows = [{"image": i} for i in range(5)]
-    values = torch.randn(5, 4, 3).to(dtype)
+    features = [torch.randn(2 + i, 3).to(dtype) for i in range(5)]
+    layers = [torch.randn(2 + i, 3).to(dtype) for i in range(5)]
     calls = []
+
+    def image_inputs(batch):
+        index = [row["image"] for row in batch]
+        return {"index": torch.tensor(index)}, [(i, i + 1) for i in index]
 
     def compute(inputs):
         calls.append(len(inputs["index"]))
-        return values[inputs["index"]]
+        records = [
+            {"pooler_output": features[i], "deepstack.0": layers[i], "grid": torch.tensor([[1, i, i]])}
+            for i in inputs["index"].tolist()
+        ]
+        return records, {"pooler_output": "per_image"}
 
-    def image_inputs(batch):
-        return {"index": torch.tensor([row["image"] for row in batch])}
+    def build():
+        return build_feature_store(
+            rows, image_inputs, compute, folder=tmp_path / "key", batch_size=2, show_progress=False
+        )
 
-    store = build_feature_store(rows, image_inputs, compute, folder=tmp_path / "key", batch_size=2, show_progress=False)
-    assert calls == [1, 2, 2, 1] and len(store) == 5 and store.dtype == dtype  # a probe, then the batches
-    assert all(torch.equal(store[i], values[i]) for i in range(5))
-    again = build_feature_store(rows, image_inputs, compute, folder=tmp_path / "key", batch_size=2, show_progress=False)
-    assert calls == [1, 2, 2, 1] and torch.equal(again[3], values[3])  # reused, not recomputed
+    store = build()
+    assert calls == [1, 2, 2, 1] and len(store) == 5  # a probe, then the batches
+    assert store.structure == {"pooler_output": "per_image"}
+    for i in range(5):
+        record = store[i]
+        assert record["pooler_output"].dtype == dtype and torch.equal(record["pooler_output"], features[i])
+        assert torch.equal(record["deepstack.0"], layers[i]) and record["grid"].tolist() == [[1, i, i]]
+        assert store.image_token_count(i) == (i, i + 1)
+    again = build()
+    assert calls == [1, 2, 2, 1] and torch.equal(again[3]["pooler_output"], features[3])  # reused, not recomputed
     assert not [path for path in tmp_path.iterdir() if ".tmp-" in path.name]
 
 
@@ -135,8 +191,8 @@ def test_a_store_the_disk_cannot_hold_is_refused_with_its_size(tmp_path, monkeyp
     with pytest.raises(OSError, match=r"image features of 3 train images needs .* GiB"):
         build_feature_store(
             [{"image": 0}] * 3,
-            lambda batch: {"n": len(batch)},
-            lambda inputs: torch.zeros(inputs["n"], 100, 100),
+            lambda batch: ({"n": len(batch)}, None),
+            lambda inputs: ([{"pooler_output": torch.zeros(100, 100)}] * inputs["n"], {}),
             folder=tmp_path / "key",
             batch_size=2,
             show_progress=False,
@@ -169,7 +225,7 @@ def test_a_run_on_cached_features_ends_where_a_run_on_pixels_does(tiny_blip, pho
 @pytest.mark.parametrize(
     ("fixture", "flags", "message"),
     [
-        ("tiny_florence2", {}, "Florence-2 has no image feature cache yet"),
+        ("tiny_florence2", {"training_objective": "scst"}, "--training_objective scst samples from the images"),
         ("tiny_blip", {"image_augmentation": "lavis"}, "--image_augmentation lavis changes the images"),
     ],
 )
@@ -184,8 +240,17 @@ def test_required_where_it_cannot_apply_is_refused_before_loading(
     assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
 
 
-def test_off_when_the_vision_side_trains_and_the_log_says_why(tiny_blip, caption_folder, tmp_path, capsys):
-    main(tiny_run_argv(tiny_blip, caption_folder, tmp_path / "x", lora_vision=True, do_predict=False))
+@pytest.mark.parametrize(
+    ("fixture", "flags"),
+    [
+        ("tiny_blip", {"lora_vision": True}),
+        # Full fine-tuning with the vision tower frozen still trains BLIP-2's Q-Former and projection.
+        ("tiny_blip2_opt", {"use_lora": False, "freeze_vision_tower": True}),
+    ],
+)
+def test_off_when_the_image_side_trains_and_the_log_says_why(request, caption_folder, tmp_path, capsys, fixture, flags):
+    path = request.getfixturevalue(fixture)
+    main(tiny_run_argv(path, caption_folder, tmp_path / "x", do_predict=False, max_new_tokens=2, **flags))
     assert "no feature cache): the image side trains" in capsys.readouterr().out
 
 
@@ -195,7 +260,7 @@ def test_a_bf16_run_keeps_bf16_features_and_the_losses_of_the_pixel_path(tiny_bl
         tiny_run_argv(tiny_blip, caption_folder, tmp_path / "a", image_cache_dir=str(tmp_path / "c"), **flags)
     )
     stores = [FeatureStore(folder) for folder in (tmp_path / "c" / "features").iterdir()]
-    assert len(stores) == 2 and {store.dtype for store in stores} == {torch.bfloat16}
+    assert len(stores) == 2 and {store.fields["last_hidden_state"][0] for store in stores} == {torch.bfloat16}
     plain = main(tiny_run_argv(tiny_blip, caption_folder, tmp_path / "b", cache_image_features=False, **flags))
     assert cached["train"]["train_loss"] == pytest.approx(plain["train"]["train_loss"], rel=1e-6)
     assert cached["eval"]["eval_loss"] == pytest.approx(plain["eval"]["eval_loss"], rel=1e-6)

@@ -49,10 +49,16 @@ class ModelFamily:
     image_flags: tuple[str, ...] = ()  # the image-processor flags of DataArguments this family reads
     # False where images keep their own size (Qwen's dynamic resolution): no fixed-size uint8 preprocessing cache.
     fixed_image_size: bool = True
-    # --cache_image_features: the field of image_feature_module's output that is the whole image side's result, when
-    # that module is where the image side ends (BLIP: the vision tower's "last_hidden_state"); None where the family
-    # has no feature cache yet.
-    cached_feature: str | None = None
+    # --cache_image_features (captioning/feature_cache.py): where the image side ends, "module_output" (the output
+    # of image_feature_module, BLIP's vision tower) or "get_image_features" (the model's method of that name, which
+    # its forward and generate call); None where the family has no feature cache. ``cached_fields``: the fields of
+    # that output the language side reads.
+    feature_cache: str | None = "get_image_features"
+    cached_fields: tuple[str, ...] = ("pooler_output",)
+    # Modules that a path other than get_image_features runs before image_feature_module (BLIP-2's generate calls
+    # its vision tower, Q-Former and language projection itself): fed cached features, they return a placeholder
+    # and image_feature_module the cached pooler_output.
+    feature_path: tuple[str, ...] = ()
 
     def prompt(self, caption_prompt: str | None) -> str:
         """The caption prompt of a run: ``--caption_prompt`` if given, else the family's default."""

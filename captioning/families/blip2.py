@@ -58,6 +58,7 @@ COMMON = dict(
     vision_prefix="vision_model.",
     vision_lora_target_modules=("qkv", "projection"),
     image_feature_module="language_projection",  # the Q-Former's 32 tokens, projected into the language model
+    feature_path=("vision_model", "qformer"),  # what generate() runs before the projection, not get_image_features
     num_beams=5,  # BLIP-2's caption recipe: beams 5, 8-30 tokens
     max_new_tokens=30,
     min_new_tokens=8,

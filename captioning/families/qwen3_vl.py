@@ -53,4 +53,5 @@ QWEN3_VL = ModelFamily(
     configure_processor=partial(configure_processor, label=LABEL),
     image_flags=("min_pixels", "max_pixels"),
     fixed_image_size=False,
+    cached_fields=("pooler_output", "deepstack_features"),  # the merger's output and the deepstack layers' inputs
 )
