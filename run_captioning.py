@@ -39,6 +39,7 @@ from captioning.modeling import (
     base_model_path,
     check_adapter_args,
     check_label_smoothing,
+    frozen_image_side,
     image_feature_module,
     load_config,
     load_model,
@@ -325,6 +326,7 @@ def build_trainer(args: Arguments, plan: RunPlan, splits: dict):
             run_id=plan.run_id,
             self_critic=critic,
             feature_feed=feature_feed,
+            frozen_image_side=frozen_image_side(model, family),
             callbacks=[MarkCompleteCheckpoints(plan.run_id), *early_stopping(args.caption)],
         )
 

@@ -251,6 +251,39 @@ def vision_tower_frozen(model: torch.nn.Module, family: ModelFamily) -> bool:
     )
 
 
+def image_side_modules(model: torch.nn.Module, family: ModelFamily) -> list[torch.nn.Module]:
+    """The modules of the image side: every child of the model, or of the child that holds the language model
+    (``model.`` of ``model.language_model.``), other than the language model and the output layer (BLIP-2: the vision
+    tower, the Q-Former and the projection; PaliGemma: the vision tower and the projector)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    modules, prefix = [], ""
+    parent = base
+    while True:
+        descend = None
+        for name, child in parent.named_children():
+            path = prefix + name + "."
+            if path == family.language_prefix or name == "lm_head":
+                continue
+            if family.language_prefix.startswith(path):
+                descend = (child, path)
+            else:
+                modules.append(child)
+        if descend is None:
+            return modules
+        parent, prefix = descend
+
+
+def frozen_image_side(model: torch.nn.Module, family: ModelFamily) -> list[torch.nn.Module]:
+    """The image-side modules with no trainable parameter. Training keeps them in eval mode: a frozen feature
+    extractor gives each image the same features in every step (no dropout or drop-path noise), as LAVIS runs its
+    frozen ViT, and as the feature cache computes them once."""
+    return [
+        module
+        for module in image_side_modules(model, family)
+        if not any(parameter.requires_grad for parameter in module.parameters())
+    ]
+
+
 def image_feature_module(model: torch.nn.Module, family: ModelFamily) -> torch.nn.Module:
     """The module whose output is shared by all captions of an image (see captioning/grouping.py)."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model

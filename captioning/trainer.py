@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class CaptioningTrainer(Seq2SeqTrainer):
         run_id: str | None = None,
         self_critic=None,
         feature_feed=None,
+        frozen_image_side: Sequence[torch.nn.Module] = (),
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -95,10 +97,15 @@ class CaptioningTrainer(Seq2SeqTrainer):
         # captioning/feature_cache.py: batches may carry the image side's cached output (``image_features``), which
         # the FeatureFeed makes the image side return instead of running.
         self.feature_feed = feature_feed
+        # captioning/modeling.py frozen_image_side: kept in eval mode in training steps (the Trainer sets train mode).
+        self.frozen_image_side = list(frozen_image_side)
 
     # --- image-grouped training: one vision pass per image for all of its captions in the batch ------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            for module in self.frozen_image_side:
+                module.eval()
         if self.self_critic is not None and "labels" not in inputs:  # a batch of training images: SCST
             generator = self.accelerator.unwrap_model(model)
             loss = self.self_critic.loss(

@@ -18,7 +18,7 @@ from captioning.data import cached_image
 from captioning.families import detect_family
 from captioning.feature_cache import FeatureFeed, FeatureStore, build_feature_store, store_key, weights_digest
 from captioning.grouping import shared_image_features
-from captioning.modeling import image_feature_module, load_model
+from captioning.modeling import frozen_image_side, image_feature_module, image_side_modules, load_model
 from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
@@ -264,3 +264,50 @@ def test_a_bf16_run_keeps_bf16_features_and_the_losses_of_the_pixel_path(tiny_bl
     plain = main(tiny_run_argv(tiny_blip, caption_folder, tmp_path / "b", cache_image_features=False, **flags))
     assert cached["train"]["train_loss"] == pytest.approx(plain["train"]["train_loss"], rel=1e-6)
     assert cached["eval"]["eval_loss"] == pytest.approx(plain["eval"]["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fixture", "flags"),
+    [
+        ("tiny_qwen2_5_vl", {}),  # each photo at its own size: records of different lengths, grids kept with them
+        ("tiny_smolvlm", {"image_splitting": True}),  # a tile grid per image: the placeholder counts kept too
+        ("tiny_blip2_t5", {"num_beams": 2}),  # generate() runs the tower, the Q-Former and the projection itself
+    ],
+)
+def test_a_family_run_on_cached_features_ends_where_a_run_on_pixels_does(
+    request, photo_folder, tmp_path, capsys, fixture, flags
+):
+    """Real-size photos through main(): on by default for the family, and the training loss, validation loss and
+    captions equal those of --cache_image_features false."""
+    path = request.getfixturevalue(fixture)
+    flags = dict(max_train_samples=6, max_eval_samples=3, max_predict_samples=2, seed=1, max_new_tokens=3, **flags)
+    cache = str(tmp_path / "c")
+    cached = main(tiny_run_argv(path, photo_folder, tmp_path / "cached", image_cache_dir=cache, **flags))
+    assert "Image features cached" in capsys.readouterr().out
+    assert len(list((tmp_path / "c" / "features").iterdir())) == 2  # training and validation images
+    plain = main(tiny_run_argv(path, photo_folder, tmp_path / "plain", cache_image_features=False, **flags))
+    assert "Image features cached" not in capsys.readouterr().out
+    assert cached["train"]["train_loss"] == pytest.approx(plain["train"]["train_loss"], rel=1e-5)
+    assert cached["eval"]["eval_loss"] == pytest.approx(plain["eval"]["eval_loss"], rel=1e-5)
+    assert cached["eval"]["eval_cider"] == plain["eval"]["eval_cider"]
+    predictions = [
+        [json.loads(line)["prediction"] for line in (tmp_path / run / "predictions.jsonl").read_text().splitlines()]
+        for run in ("cached", "plain")
+    ]
+    assert predictions[0] == predictions[1]
+
+
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
+def test_the_image_side_is_every_module_outside_the_language_side(request, fixture):
+    """image_side_modules: with the language model and the output layer, they hold every parameter of the model
+    (BLIP-2's query tokens, a bare parameter, aside); the vision tower is one of them. Under LoRA all are frozen."""
+    model, family, _, _ = _family_model(request.getfixturevalue(fixture))
+    base = model.get_base_model()
+    side = image_side_modules(model, family)
+    inside = {id(p) for module in side for p in module.parameters()}
+    language = {id(p) for name, p in base.named_parameters() if name.startswith((family.language_prefix, "lm_head."))}
+    rest = [name for name, p in base.named_parameters() if id(p) not in inside | language]
+    assert rest == (["query_tokens"] if family.name.startswith("blip2") else [])
+    assert base.get_submodule(family.vision_prefix.rstrip(".")) in side
+    assert frozen_image_side(model, family) == side
