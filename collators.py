@@ -68,7 +68,7 @@ class CaptionCollator:
         """``image_inputs`` and what each image's prompt depends on (``layout.image_token_counts``, read from all
         the image processor returned: SmolVLM's tile grids are no model input)."""
         if "image_features" in rows[0]:  # cached (captioning/feature_cache.py): the image side's output, per image
-            records = [dict(row["image_features"]) for row in rows]
+            records = [row["image_features"].load() for row in rows]  # captioning.data.CachedRecord
             # Inputs the language side reads per image (Qwen's image_grid_thw) are stored in the records.
             inputs = {
                 key: torch.cat([record.pop(key) for record in records])

@@ -317,7 +317,14 @@ def prepare(args, dims: dict, workdir: Path, precision: str, progress: Progress,
     features = stages.run(
         "feature cache build",
         lambda: build_features(
-            model, processor, rows, cache, workdir / "features", precision, batch_size=args.eval_batch_size
+            model,
+            processor,
+            rows,
+            cache,
+            workdir / "features",
+            precision,
+            batch_size=args.eval_batch_size,
+            num_workers=args.num_workers,
         ),
     )
     once["feature_cache_build_s"] = clock()

@@ -152,9 +152,12 @@ def build_trainer(
     )
 
 
-def build_features(model, processor, rows, cache, folder: Path, precision: str, batch_size: int = 10) -> FeatureStore:
+def build_features(
+    model, processor, rows, cache, folder: Path, precision: str, batch_size: int = 10, num_workers: int = 2
+) -> FeatureStore:
     """The vision tower's output for every image, once, as run_captioning builds it (``batch_size`` images at a
-    time), stored in the run's precision (bf16 under bf16 autocast, where the layer norm's output is fp32)."""
+    time, their pixels prepared by ``num_workers`` DataLoader workers), stored in the run's precision (bf16 under
+    bf16 autocast, where the layer norm's output is fp32)."""
     layout = build_layout(BLIP, model.config, processor.tokenizer)
     collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout)
     feed = FeatureFeed(model, BLIP, layout)
@@ -169,7 +172,13 @@ def build_features(model, processor, rows, cache, folder: Path, precision: str, 
 
     images = CaptionImages(common.per_image_dataset(rows), cache)
     return build_feature_store(
-        images, collator.processed_images, compute, folder=folder, batch_size=batch_size, show_progress=False
+        images,
+        collator.processed_images,
+        compute,
+        folder=folder,
+        batch_size=batch_size,
+        show_progress=False,
+        num_workers=num_workers,
     )
 
 
@@ -271,7 +280,9 @@ def main(argv=None) -> dict:
         feature_s, features = None, None
         if "feature_cache" in modes:
             started = common.Stopwatch()
-            features = build_features(model, processor, rows, cache, workdir / "features", precision)
+            features = build_features(
+                model, processor, rows, cache, workdir / "features", precision, num_workers=args.num_workers
+            )
             feature_s = started()
         results = {}
         for mode in modes:

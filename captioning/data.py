@@ -4,6 +4,7 @@ pairs for training, images with all their references for evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -141,10 +142,22 @@ def _load_view_image(value: Any, index: int) -> Image.Image:
         ) from error
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedRecord:
+    """An image's record in the feature cache (captioning/feature_cache.py), read when a batch needs it: a grouped
+    batch reads each image once, not once per caption row."""
+
+    store: Any
+    index: int
+
+    def load(self) -> dict:
+        return self.store[self.index]
+
+
 def cached_image(features, index: int) -> dict[str, Any]:
-    """The row fields of an image from the feature cache (captioning/feature_cache.py): its record of features and,
-    where placeholders vary per image, their count."""
-    row = {"image_features": features[index]}
+    """The row fields of an image from the feature cache: its record of features (``CachedRecord``) and, where
+    placeholders vary per image, their count."""
+    row = {"image_features": CachedRecord(features, index)}
     count = features.image_token_count(index)
     if count is not None:
         row["image_token_count"] = count

@@ -162,11 +162,13 @@ def build_feature_store(
     batch_size: int,
     show_progress: bool = True,
     description: str = "images",
+    num_workers: int = 0,
 ) -> FeatureStore:
     """Run ``compute`` (image inputs -> one record per image, and how the family's output holds them) over
     ``images`` (rows with ``image``) in batches of ``batch_size``, into ``folder``; an existing complete store there
     is reused. ``image_inputs``: rows -> (inputs, each image's placeholder count or None), as
-    ``CaptionCollator.processed_images``."""
+    ``CaptionCollator.processed_images``, run by ``num_workers`` DataLoader workers (0: this process) while this
+    process computes."""
     if (folder / "meta.json").is_file():
         logger.info("Reusing the cached image features of the %s in %s", description, folder)
         return FeatureStore(folder)
@@ -196,12 +198,18 @@ def build_feature_store(
     try:
         files = {name: open(staging / f"{name}.bin", "wb") for name in names}  # noqa: SIM115 (closed below)
         progress = tqdm(total=len(images), desc=f"Features of {description}", unit="img", disable=not show_progress)
+        batches = torch.utils.data.DataLoader(
+            images,
+            batch_size=batch_size,
+            collate_fn=image_inputs,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if num_workers else None,
+        )
         with torch.no_grad(), progress as bar, contextlib.ExitStack() as closing:
             for file in files.values():
                 closing.enter_context(file)
-            for start in range(0, len(images), batch_size):
-                rows = [images[i] for i in range(start, min(start + batch_size, len(images)))]
-                inputs, batch_counts = image_inputs(rows)
+            for start, (inputs, batch_counts) in zip(range(0, len(images), batch_size), batches, strict=True):
                 records, structure = compute(inputs)
                 counts += batch_counts or []
                 for i, record in enumerate(records, start=start):
@@ -211,7 +219,7 @@ def build_feature_store(
                             tensor = tensor.view(torch.int16)
                         files[name].write(tensor.numpy().tobytes())
                         offsets[i + 1, column] = offsets[i, column] + len(tensor)
-                bar.update(len(rows))
+                bar.update(len(records))
         np.save(staging / "offsets.npy", offsets)
         meta = {
             "count": len(images),
@@ -486,6 +494,7 @@ def cache_image_features(args, splits: dict, caches: dict, collator, model, fami
                 batch_size=training.per_device_eval_batch_size,
                 show_progress=training.should_log and not training.disable_tqdm,
                 description=f"{name} images",
+                num_workers=training.dataloader_num_workers,
             )
         model.train(was_training)
         return stores

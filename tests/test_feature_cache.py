@@ -311,3 +311,24 @@ def test_the_image_side_is_every_module_outside_the_language_side(request, fixtu
     assert rest == (["query_tokens"] if family.name.startswith("blip2") else [])
     assert base.get_submodule(family.vision_prefix.rstrip(".")) in side
     assert frozen_image_side(model, family) == side
+
+
+def test_a_grouped_batch_reads_each_image_once_from_the_store(tiny_blip, tmp_path):
+    """Caption rows carry a reference to their image's record; the collator reads the records it needs: one per
+    distinct image of a grouped batch, one per row otherwise."""
+    model, family, processor, layout = _family_model(tiny_blip)
+    feed = FeatureFeed(model, family, layout)
+    store = _store(feed, CaptionCollator(processor.image_processor, processor.tokenizer, layout), tmp_path / "s")
+    reads = []
+
+    class CountingStore(FeatureStore):
+        def __getitem__(self, index):
+            reads.append(int(index))
+            return super().__getitem__(index)
+
+    counting = CountingStore(store.folder)
+    for grouped, expected in ((True, [0, 1, 2]), (False, ORDER)):
+        reads.clear()
+        collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=grouped)
+        batch = collator(_rows(counting))
+        assert reads == expected and len(batch["image_features"]) == len(expected)
