@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature_pass_ms_per_image",
         type=float,
         default=1.7,
-        help="Main-process CPU ms per image of the one-time feature pass: read the preprocessed pixels and "
-        "normalise them (one thread, measured here). The pass feeds the GPU from the main process alone.",
+        help="CPU ms per image of the one-time feature pass's input: read the preprocessed pixels and normalise "
+        "them (one thread, measured here). DataLoader workers (--workers) prepare them while the GPU computes.",
     )
     parser.add_argument(
         "--feature_bytes_per_value", type=int, default=2, help="The store's dtype: the run's bf16 (fp32: 4)."
@@ -239,12 +239,14 @@ def estimate(args) -> dict:
     row_loss = vision + sum(parts.values())
     seed_eval_s = evaluation_s(args, eval_count, c * row_loss, c * gen, rows_per_image=c, value_bytes=4)
 
-    # Feature cache: the vision tower once per training and validation image per run, in one main-process pass
-    # before training (feed, GPU, write, one after the other); steps and evaluation read the features instead.
+    # Feature cache: the vision tower once per training and validation image per run, in one pass before training
+    # (DataLoader workers prepare the pixels while the main process computes and writes); steps and evaluation read
+    # the features instead.
     feature_bytes = image_tokens(size) * D * args.feature_bytes_per_value
     cached_images = args.train_images + args.eval_images
-    feature_pass_s = cached_images * (
-        args.feature_pass_ms_per_image / 1000 + vision / rate + feature_bytes / (args.feature_write_gb_s * 1e9)
+    feature_pass_s = cached_images * max(
+        args.feature_pass_ms_per_image / 1000 / args.workers,
+        vision / rate + feature_bytes / (args.feature_write_gb_s * 1e9),
     )
     feature_copy_s = args.train_images * args.epochs * feature_bytes / (args.h2d_gb_s * 1e9)
     feature_train_gpu_s = samples * text_grouped / rate + feature_copy_s

@@ -177,12 +177,12 @@ class DataArguments:
     cache_image_features: bool | None = field(
         default=None,
         metadata={
-            "help": "Compute the frozen image side's output (BLIP: the vision tower's) once per training and "
-            "validation image before training, into a memory-mapped file next to the preprocessing cache, and train "
-            "and evaluate on it without running the image side again. Default: on when nothing trains the image side "
-            "(LoRA without --lora_vision, or --freeze_vision_tower) and --image_augmentation is none, for the "
-            "families that have it (BLIP); the log says why when it is off. false: never; true: required (an error "
-            "where it cannot apply)."
+            "help": "Compute the frozen image side's output (BLIP: the vision tower's; the other families: what "
+            "get_image_features returns) once per training and validation image before training, into memory-mapped "
+            "files next to the preprocessing cache, and train and evaluate on it without running the image side "
+            "again. Default: on when nothing trains the image side (LoRA without --lora_vision, or full fine-tuning "
+            "that freezes it) and --image_augmentation is none; the log says why when it is off. false: never; "
+            "true: required (an error where it cannot apply)."
         },
     )
     image_cache_dir: str | None = field(

@@ -414,7 +414,10 @@ def feature_cache_off_reason(args, family: ModelFamily) -> str | None:
     if args.caption.training_objective == "scst":
         return "--training_objective scst samples from the images' pixels"
     training = args.training
-    if training.deepspeed or training.fsdp:
+    launched_sharded = any(
+        os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true") for engine in ("FSDP", "DEEPSPEED")
+    )
+    if training.deepspeed or training.fsdp or launched_sharded:
         return "DeepSpeed and FSDP shard the weights that would compute the features"
     return None
 

@@ -332,3 +332,13 @@ def test_a_grouped_batch_reads_each_image_once_from_the_store(tiny_blip, tmp_pat
         collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=grouped)
         batch = collator(_rows(counting))
         assert reads == expected and len(batch["image_features"]) == len(expected)
+
+
+def test_off_under_a_sharded_engine_that_accelerate_launch_configured(tiny_blip, caption_folder, tmp_path, monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` tells the run through the environment
+    (ACCELERATE_USE_FSDP; a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED, not installed here), before any Trainer
+    exists: the features would be computed by weights about to be sharded."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    argv = tiny_run_argv(tiny_blip, caption_folder, tmp_path / "x", cache_image_features=True)
+    with pytest.raises(ValueError, match="DeepSpeed and FSDP shard the weights"):
+        main(argv)
