@@ -402,6 +402,9 @@ def substituted(module: torch.nn.Module, method: str, replacement: Callable):
 # --- the run's stores (run_captioning.py) ---------------------------------------------------------------------
 
 
+TRAINING_IMAGE_SIDE = "the image side trains (--lora_vision, or full fine-tuning without --freeze_vision_tower)"
+
+
 def feature_cache_off_reason(args, family: ModelFamily) -> str | None:
     """Why --cache_image_features cannot apply to this run, from its flags (None: it may; whether the image side
     trains is probed on the model by ``cache_image_features``)."""
@@ -413,6 +416,11 @@ def feature_cache_off_reason(args, family: ModelFamily) -> str | None:
         return "--streaming reads each training image once as it comes"
     if args.caption.training_objective == "scst":
         return "--training_objective scst samples from the images' pixels"
+    lora = args.lora
+    if args.training.do_train and (
+        (lora.use_lora and lora.lora_vision) or not (lora.use_lora or lora.freeze_vision_tower)
+    ):
+        return TRAINING_IMAGE_SIDE
     training = args.training
     launched_sharded = any(
         os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true") for engine in ("FSDP", "DEEPSPEED")
@@ -420,9 +428,6 @@ def feature_cache_off_reason(args, family: ModelFamily) -> str | None:
     if training.deepspeed or training.fsdp or launched_sharded:
         return "DeepSpeed and FSDP shard the weights that would compute the features"
     return None
-
-
-TRAINING_IMAGE_SIDE = "the image side trains (--lora_vision, or full fine-tuning without --freeze_vision_tower)"
 
 
 def cache_image_features(args, splits: dict, caches: dict, collator, model, family: ModelFamily, layout):

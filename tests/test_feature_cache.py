@@ -227,6 +227,8 @@ def test_a_run_on_cached_features_ends_where_a_run_on_pixels_does(tiny_blip, pho
     [
         ("tiny_florence2", {"training_objective": "scst"}, "--training_objective scst samples from the images"),
         ("tiny_blip", {"image_augmentation": "lavis"}, "--image_augmentation lavis changes the images"),
+        ("tiny_qwen2_5_vl", {"lora_vision": True}, "the image side trains"),
+        ("tiny_paligemma", {"use_lora": False}, "the image side trains"),
     ],
 )
 def test_required_where_it_cannot_apply_is_refused_before_loading(
