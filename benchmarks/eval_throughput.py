@@ -80,16 +80,26 @@ def eval_folder(root: Path, num_images: int) -> list[dict]:
 
 
 def run_ours(checkpoint: Path, folder: Path, args, precision: str, output_dir: Path, max_images: int | None) -> dict:
+    metrics = evaluate_with_main(
+        checkpoint, folder, output_dir, precision, args.batch_size, args.num_workers, max_eval_samples=max_images
+    )
+    return {"seconds": float(metrics["eval_runtime"]), "images": int(metrics["eval_samples"])}
+
+
+def evaluate_with_main(
+    checkpoint: Path, folder: Path, output_dir: Path, precision: str, batch_size: int, num_workers: int, **flags
+) -> dict:
+    """``run_captioning.main(["--do_eval", ...])`` as a user runs it, with the benchmark's generation and LoRA
+    settings and ``flags`` on top; its evaluation metrics (the log goes to stderr only if it fails)."""
     argv = to_argv(
         model_name_or_path=str(checkpoint),
         dataset_dir=str(folder),
         do_eval=True,
         output_dir=str(output_dir),
         overwrite_output_dir=True,
-        max_eval_samples=max_images,
         compute_meteor=False,
-        per_device_eval_batch_size=args.batch_size,
-        dataloader_num_workers=args.num_workers,
+        per_device_eval_batch_size=batch_size,
+        dataloader_num_workers=num_workers,
         num_beams=GENERATION["num_beams"],
         max_new_tokens=GENERATION["max_new_tokens"],
         min_new_tokens=GENERATION["min_new_tokens"],
@@ -102,16 +112,15 @@ def run_ours(checkpoint: Path, folder: Path, args, precision: str, output_dir: P
         report_to="none",
         disable_tqdm=True,
         seed=0,
+        **flags,
     )
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            results = run_captioning.main(argv)
+            return run_captioning.main(argv)["eval"]
     except Exception:
         print(log.getvalue()[-5000:], file=sys.stderr)
         raise
-    metrics = results["eval"]
-    return {"seconds": float(metrics["eval_runtime"]), "images": int(metrics["eval_samples"])}
 
 
 def run_stock(checkpoint: Path, rows: list[dict], args, precision: str, output_dir: Path) -> dict:

@@ -43,12 +43,10 @@ import common
 import estimate_h200
 import numpy as np
 import torch
-from eval_throughput import GENERATION, run_stock
+from eval_throughput import GENERATION, evaluate_with_main, run_stock
 from train_throughput import build_features, measure
 from transformers.utils import logging as hf_logging
 
-import run_captioning
-from captioning.arguments import to_argv
 from captioning.image_cache import build_image_cache
 from captioning.workers import process_pool
 
@@ -392,38 +390,17 @@ def run_eval_ours(checkpoint: Path, folder: Path, args, precision: str, workdir:
     cached features; ``eval_runtime`` is the Trainer's evaluate() alone (model load, preprocessing and the feature
     pass excluded)."""
     output_dir, cache_dir = workdir / "out", workdir / "cache"
-    argv = to_argv(
-        model_name_or_path=str(checkpoint),
-        dataset_dir=str(folder),
-        do_eval=True,
-        output_dir=str(output_dir),
-        overwrite_output_dir=True,
-        compute_meteor=False,
-        per_device_eval_batch_size=args.eval_batch_size,
-        dataloader_num_workers=args.num_workers,
+    metrics = evaluate_with_main(
+        checkpoint,
+        folder,
+        output_dir,
+        precision,
+        args.eval_batch_size,
+        args.num_workers,
         preprocessing_num_workers=os.cpu_count(),
         image_cache_dir=str(cache_dir),
         cache_image_features=features,
-        num_beams=GENERATION["num_beams"],
-        max_new_tokens=GENERATION["max_new_tokens"],
-        min_new_tokens=GENERATION["min_new_tokens"],
-        lora_r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        lora_target_modules=["query", "value"],
-        bf16=precision == "bf16",
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
     )
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            metrics = run_captioning.main(argv)["eval"]
-    except Exception:
-        print(log.getvalue()[-5000:], file=sys.stderr)
-        raise
     stores = cache_dir / "features"
     used = stores.is_dir() and any(stores.iterdir())
     if used != features:
