@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from functools import partial
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer
+from transformers.integrations import TensorBoardCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.integrations.integration_utils import default_logdir
 from transformers.trainer_utils import EvalLoopOutput, seed_worker
 
 from captioning.checkpoints import rotate_run_checkpoints
@@ -99,6 +102,15 @@ class CaptioningTrainer(Seq2SeqTrainer):
         self.feature_feed = feature_feed
         # captioning/modeling.py frozen_image_side: kept in eval mode in training steps (the Trainer sets train mode).
         self.frozen_image_side = list(frozen_image_side)
+        self.tensorboard_into_output_dir()
+
+    def tensorboard_into_output_dir(self) -> None:
+        """--report_to tensorboard: event files go to <output_dir>/runs/<time>_<host> from the first log on. The
+        callback picks that folder only when training begins; a log before that (the --eval_baseline evaluation, at
+        step 0) would open a writer in the working directory's runs/ instead, and the whole run would go there."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
 
     # --- image-grouped training: one vision pass per image for all of its captions in the batch ------------------
 
