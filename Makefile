@@ -22,7 +22,6 @@ demo-scst: setup
 	$(PY) run_captioning.py --config configs/demo_scst.yaml --output_dir outputs/demo_scst --overwrite_output_dir
 
 test: setup
-	@sh scripts/ensure_java.sh
 	$(PY) -m pytest
 
 lint: setup

