@@ -20,6 +20,11 @@ from captioning.arguments import to_argv
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = 96  # conftest's photo_folder: 76 train, 10 validation, 10 test images after the default 10 % / 10 % split
 RUN_LIMIT_S = 300
+TWO_PROCESSES = [
+    sys.executable, "-m", "accelerate.commands.launch",
+    "--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
+    "run_captioning.py",
+]  # fmt: skip
 
 
 def user_env() -> dict[str, str]:
@@ -90,12 +95,7 @@ def test_the_default_run_finishes_on_real_photos(tiny_blip, photo_folder, tmp_pa
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_the_default_run_finishes_on_real_photos_in_two_processes(tiny_blip, photo_folder, tmp_path):
     output = tmp_path / "run"
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
-        "run_captioning.py",
-    ]  # fmt: skip
-    log = run_bounded([*launch, *job_flags(tiny_blip, photo_folder, output)])
+    log = run_bounded([*TWO_PROCESSES, *job_flags(tiny_blip, photo_folder, output)])
     check_outputs(output, log)
 
 
@@ -132,17 +132,16 @@ def test_caption_images_with_default_workers_on_real_photos(tiny_blip, photo_fol
 @pytest.mark.slow
 @pytest.mark.timeout(2 * RUN_LIMIT_S + 60)
 def test_qwen_and_then_scst_finish_on_real_photos_in_two_processes(tiny_qwen2_5_vl, photo_folder, tmp_path):
-    """Dynamic resolution on real photos (each image its own size and token count, no fixed-size cache, prompts of
-    different lengths left-padded and gathered across 2 processes), then self-critical training from that run, also
-    on 2 processes: both finish under the bound."""
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
-        "run_captioning.py",
-    ]  # fmt: skip
+    """Dynamic resolution on real photos (each image its own size and token count, no fixed-size pixel cache but
+    cached image features of different lengths, prompts of different lengths left-padded and gathered across 2
+    processes), then self-critical training from that run, also on 2 processes: both finish under the bound."""
     xe = tmp_path / "xe"
-    log = run_bounded([*launch, *job_flags(tiny_qwen2_5_vl, photo_folder, xe), "--max_pixels", str(64 * 28 * 28)])
+    log = run_bounded(
+        [*TWO_PROCESSES, *job_flags(tiny_qwen2_5_vl, photo_folder, xe), "--max_pixels", str(64 * 28 * 28)]
+    )
     assert "no preprocessing cache" in log
+    # Frozen vision: each photo's merger output (its own number of tokens) cached once, opened by both processes
+    assert "Caching the image features of 76 train images" in log and "Image features cached" in log
     predictions = [json.loads(line) for line in (xe / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 10 and "eval_cider" in json.loads((xe / "eval_results.json").read_text())
     scst = tmp_path / "scst"
@@ -150,7 +149,7 @@ def test_qwen_and_then_scst_finish_on_real_photos_in_two_processes(tiny_qwen2_5_
         "--training_objective", "scst", "--scst_samples", "3", "--max_steps", "3", "--logging_steps", "1",
         "--per_device_train_batch_size", "4", "--do_predict", "false",
     ]  # fmt: skip
-    run_bounded([*launch, *flags])
+    run_bounded([*TWO_PROCESSES, *flags])
     history = json.loads((scst / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "scst_reward" in entry] == [1, 2, 3]
 
@@ -161,16 +160,11 @@ def test_both_stages_and_augmentation_finish_on_real_photos_in_two_processes(tin
     """2 processes, real photos, one command: cross-entropy on cached image features (built by the main process,
     opened by the other), then --scst_epochs 1 on pixels; then an augmented run (random crops at full resolution,
     no training cache). Both finish under the bound."""
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
-        "run_captioning.py",
-    ]  # fmt: skip
     both = tmp_path / "both"
     flags = job_flags(tiny_blip, photo_folder, both) + [
         "--scst_epochs", "1", "--scst_samples", "3", "--logging_steps", "1", "--do_predict", "false",
     ]  # fmt: skip
-    log = run_bounded([*launch, *flags])
+    log = run_bounded([*TWO_PROCESSES, *flags])
     assert "Image features cached" in log and "Stage 2: self-critical training" in log
     history = json.loads((both / "trainer_state.json").read_text())["log_history"]
     assert any("scst_reward" in entry for entry in history)
@@ -178,6 +172,6 @@ def test_both_stages_and_augmentation_finish_on_real_photos_in_two_processes(tin
         both / "adapter_model.safetensors"
     ).is_file()
     augmented = tmp_path / "augmented"
-    log = run_bounded([*launch, *job_flags(tiny_blip, photo_folder, augmented), "--image_augmentation", "lavis"])
+    log = run_bounded([*TWO_PROCESSES, *job_flags(tiny_blip, photo_folder, augmented), "--image_augmentation", "lavis"])
     assert "training images are decoded every epoch" in log and "--image_augmentation lavis changes the images" in log
     assert len(json.loads((augmented / "predictions.jsonl").read_text().splitlines()[0])["references"]) == 3
