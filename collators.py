@@ -76,8 +76,6 @@ class CaptionCollator:
                 if key in records[0]
             }
             counts = [row["image_token_count"] for row in rows] if "image_token_count" in rows[0] else None
-            if counts is None and inputs:
-                counts = self.layout.image_token_counts(inputs)
             return {"image_features": records, **inputs}, counts
         images = [row["image"] for row in rows]
         if isinstance(images[0], torch.Tensor):  # preprocessed once (captioning/image_cache.py): already resized

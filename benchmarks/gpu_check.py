@@ -327,7 +327,7 @@ def prepare(args, dims: dict, workdir: Path, precision: str, progress: Progress,
     )
     once["feature_cache_build_s"] = clock()
     feature_peak_mb = device_peak_mb()
-    feature_bytes = sum(path.stat().st_size for path in (workdir / "features").glob("*.bin"))
+    feature_bytes = features.nbytes if features is not None else 0
     progress(
         f"feature cache of {args.images} images built: {once['feature_cache_build_s']:.1f} s, "
         f"{feature_bytes / 2**30:.2f} GiB ({feature_bytes / args.images / 1024:.0f} KiB per image)"

@@ -66,7 +66,6 @@ _STORAGE = {
     torch.float16: np.float16,
     torch.bfloat16: np.int16,
     torch.int64: np.int64,
-    torch.int32: np.int32,
 }
 _DTYPES = {str(dtype): dtype for dtype in _STORAGE}
 # How a field of get_image_features' output holds a batch: one tensor (B, ...), one tensor per image, or per layer
@@ -275,6 +274,12 @@ class FeatureFeed:
         # Inputs the language side also reads per image (Qwen's image_grid_thw): stored with the features.
         self.kept_inputs = tuple(key for key in layout.image_input_keys if key != "pixel_values")
         self.structure: dict = {}  # how the stores' records make the output (set when they are opened)
+        # The modules whose get_image_features is replaced, with that method's signature: found once, not per batch.
+        self.feature_methods = [
+            (module, inspect.signature(type(module).get_image_features.__get__(module)))
+            for module in self.base.modules()
+            if hasattr(type(module), "get_image_features")
+        ]
 
     def image_side_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """The weights that make the features (for the store's key): the image feature module's, or every weight
@@ -362,14 +367,15 @@ class FeatureFeed:
                     stack.enter_context(substituted(module, "forward", lambda *args, **kwargs: placeholder))
                 projected = self.output(records, self.structure).pooler_output
                 stack.enter_context(substituted(self.module, "forward", lambda *args, **kwargs: projected))
-            for module in self.base.modules():
-                if hasattr(type(module), "get_image_features"):
-                    stack.enter_context(substituted(module, "get_image_features", self._replacement(module, records)))
+            for module, signature in self.feature_methods:
+                replacement = self._replacement(module, signature, records)
+                stack.enter_context(substituted(module, "get_image_features", replacement))
             yield inputs, image_group
 
-    def _replacement(self, module, records: list[Record]):
+    def _replacement(self, module, signature: inspect.Signature, records: list[Record]):
+        """``module.get_image_features`` returning ``records``' output, with the original's signature (Florence-2's
+        generate reads it to pick the arguments it passes)."""
         original = type(module).get_image_features.__get__(module)
-        signature = inspect.signature(original)
 
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
