@@ -11,18 +11,16 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
 
-from captioning.arguments import LoraArguments, ModelArguments
 from captioning.data import cached_image
-from captioning.families import detect_family
 from captioning.feature_cache import FeatureFeed, FeatureStore, build_feature_store, store_key, weights_digest
 from captioning.grouping import shared_image_features
-from captioning.modeling import frozen_image_side, image_feature_module, image_side_modules, load_model
+from captioning.modeling import frozen_image_side, image_feature_module, image_side_modules
 from captioning.trainer import generation_inputs
-from collators import CaptionCollator, build_layout
+from collators import CaptionCollator
 from run_captioning import main
 from tests.conftest import FAMILY_FIXTURES, tiny_run_argv
+from tests.family_models import lora_family_model
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 SIZES = [(500, 375), (375, 500), (640, 480)]  # real photo sizes; Qwen gives each its own number of tokens
@@ -44,20 +42,6 @@ def _rows(store=None):
     return rows
 
 
-def _family_model(path):
-    config = AutoConfig.from_pretrained(path)
-    family = detect_family(config)
-    torch.manual_seed(0)
-    model = load_model(ModelArguments(model_name_or_path=str(path)), LoraArguments(lora_dropout=0.0), config, family)
-    model.eval()  # no dropout anywhere: the two paths must agree exactly, not in expectation
-    for name, parameter in model.named_parameters():  # LoRA B starts at zero; make the adapters matter
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.02)
-    processor = AutoProcessor.from_pretrained(path)
-    layout = build_layout(family, config, processor, None if family.default_prompt else "a photo of ")
-    return model, family, processor, layout
-
-
 def _store(feed, collator, folder):
     """The three images' features, through a real store (one image per batch, as a run with batch size 1)."""
     store = build_feature_store(
@@ -77,7 +61,7 @@ def _store(feed, collator, folder):
 def test_loss_and_gradients_on_cached_features_equal_the_pixel_path(request, tmp_path, fixture, grouped):
     """Every family, with and without image grouping: a batch that feeds the stored features gives the loss and
     every LoRA gradient of the same batch on pixels, and the vision tower does not run."""
-    model, family, processor, layout = _family_model(request.getfixturevalue(fixture))
+    model, family, processor, layout = lora_family_model(request.getfixturevalue(fixture))
     collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout, group_images=grouped)
     feed = FeatureFeed(model, family, layout)
     store = _store(feed, collator, tmp_path / "store")
@@ -116,7 +100,7 @@ def test_loss_and_gradients_on_cached_features_equal_the_pixel_path(request, tmp
 @pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
 def test_beam_search_on_cached_features_writes_what_it_writes_on_pixels(request, tmp_path, fixture):
     """``generate`` with 2 beams expands the stand-in pixels per beam; the features it is handed follow."""
-    model, family, processor, layout = _family_model(request.getfixturevalue(fixture))
+    model, family, processor, layout = lora_family_model(request.getfixturevalue(fixture))
     collator = CaptionCollator(processor.image_processor, processor.tokenizer, layout)
     feed = FeatureFeed(model, family, layout)
     store = _store(feed, collator, tmp_path / "store")
@@ -304,7 +288,7 @@ def test_a_family_run_on_cached_features_ends_where_a_run_on_pixels_does(
 def test_the_image_side_is_every_module_outside_the_language_side(request, fixture):
     """image_side_modules: with the language model and the output layer, they hold every parameter of the model
     (BLIP-2's query tokens, a bare parameter, aside); the vision tower is one of them. Under LoRA all are frozen."""
-    model, family, _, _ = _family_model(request.getfixturevalue(fixture))
+    model, family, _, _ = lora_family_model(request.getfixturevalue(fixture))
     base = model.get_base_model()
     side = image_side_modules(model, family)
     inside = {id(p) for module in side for p in module.parameters()}
@@ -318,7 +302,7 @@ def test_the_image_side_is_every_module_outside_the_language_side(request, fixtu
 def test_a_grouped_batch_reads_each_image_once_from_the_store(tiny_blip, tmp_path):
     """Caption rows carry a reference to their image's record; the collator reads the records it needs: one per
     distinct image of a grouped batch, one per row otherwise."""
-    model, family, processor, layout = _family_model(tiny_blip)
+    model, family, processor, layout = lora_family_model(tiny_blip)
     feed = FeatureFeed(model, family, layout)
     store = _store(feed, CaptionCollator(processor.image_processor, processor.tokenizer, layout), tmp_path / "s")
     reads = []

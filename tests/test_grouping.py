@@ -16,6 +16,7 @@ from captioning.grouping import ImageGroupedBatchSampler, shared_image_features,
 from captioning.modeling import image_feature_module, load_model, vision_tower_frozen
 from collators import CaptionCollator, build_layout
 from tests.conftest import FAMILY_FIXTURES
+from tests.family_models import lora_family_model
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 CAPTIONS = ["a red dog", "the dog is red", "a man on the grass", "two blue cats", "a ball", "blue water"]
@@ -39,18 +40,8 @@ def test_grouped_loss_and_gradients_equal_ungrouped(request, fixture):
     """Captions of one image share one pass of the image side (up to the family's image_feature_module, or the
     chat VLMs' get_image_features), repeated for each caption row: the loss and every LoRA gradient equal those of
     one image pass per row."""
-    path = request.getfixturevalue(fixture)
-    config = AutoConfig.from_pretrained(path)
-    fam = detect_family(config)
-    torch.manual_seed(0)
-    model = load_model(ModelArguments(model_name_or_path=str(path)), LoraArguments(lora_dropout=0.0), config, fam)
-    model.eval()  # no dropout anywhere: the two paths must agree exactly, not in expectation
-    for name, parameter in model.named_parameters():  # LoRA B starts at zero; make the adapters matter
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.02)
+    model, fam, processor, layout = lora_family_model(request.getfixturevalue(fixture))
     assert vision_tower_frozen(model, fam)
-    processor = AutoProcessor.from_pretrained(path)
-    layout = build_layout(fam, config, processor, None if fam.default_prompt else "a photo of ")
     rows = _rows()
 
     plain = CaptionCollator(processor.image_processor, processor.tokenizer, layout)(rows)
