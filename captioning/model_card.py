@@ -24,9 +24,10 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from captioning.arguments import GENERATION_FLAGS
-from captioning.families import ModelFamily
+from captioning.families import ModelFamily, family_by_name
 from captioning.modeling import adapter_base_model
 from captioning.outputs import CAPTIONING_CONFIG, write_json, write_text_atomic
+from captioning.pipeline_usage import PIPELINE_TASK, pipeline_prompt, pipeline_snippet
 from captioning.redaction import mask_tokens
 from captioning.stages import STAGE1_DIR, stage_arguments
 
@@ -204,7 +205,15 @@ class CardContext:
     @property
     def snippet_prompt(self) -> str:
         """The prompt as training tokenized it: OPT's byte-level BPE gets it without the trailing space."""
-        return self.caption_prompt.rstrip() if self.family == "blip2-opt" else self.caption_prompt
+        return pipeline_prompt(family_by_name(self.family), self.caption_prompt)
+
+    @property
+    def pipeline_snippet(self) -> str:
+        """The usage section's first snippet: three lines that load this model with the transformers pipeline and
+        caption an image with the prompt and generation settings of training."""
+        return pipeline_snippet(
+            self.model_id, family_by_name(self.family), self.caption_prompt, self.generation, python_literal
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -659,7 +668,7 @@ def build_card_data(context: CardContext) -> ModelCardData:
     return ModelCardData(
         base_model=context.base_model if context.base_model_on_hub else None,
         library_name="peft" if context.adapter else "transformers",
-        pipeline_tag="image-to-text",
+        pipeline_tag=PIPELINE_TASK,
         tags=tags,
         datasets=[context.dataset.hub_id] if context.dataset.hub_id else None,
         license=context.license,
@@ -678,7 +687,7 @@ def _eval_results(context: CardContext, split: str, results: Mapping, prefix: st
             continue
         entries.append(
             EvalResult(
-                task_type="image-to-text",
+                task_type=PIPELINE_TASK,
                 task_name="Image captioning",
                 dataset_type=dataset.hub_id or "local",
                 dataset_name=dataset.label,

@@ -98,8 +98,15 @@ def build_tiny_blip2_opt(
 ) -> Path:
     """A Blip2ForConditionalGeneration with an OPT language model and a whole-word byte-level BPE tokenizer."""
     vocab, merges = _train_byte_level_bpe(list(dict.fromkeys(words)), ["<s>", "<pad>", "</s>", "<unk>"])
+    # Like OPT's own tokenizer, it starts every text with </s> as BOS (what Blip2Processor, and so the pipeline, feed).
     tokenizer = GPT2Tokenizer(
-        vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        vocab=vocab,
+        merges=merges,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=True,
     )
     processor = Blip2Processor(
         image_processor=tiny_image_processor(image_size), tokenizer=tokenizer, num_query_tokens=num_query_tokens

@@ -27,6 +27,7 @@ from captioning.images import load_image
 from captioning.inference import load_captioner
 from merge_adapter import main as merge_main
 from run_captioning import main
+from tests.card_snippets import explicit_snippet
 from tests.conftest import tiny_run_argv
 from tests.photos import write_photos
 from tests.test_hub import client_for
@@ -47,10 +48,6 @@ METRICS = ("bleu_1", "bleu_4", "rouge_l", "cider", "loss")
 
 def predictions(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
-
-
-def card_snippet(card: str) -> str:
-    return re.search(r"## How to use.*?```python\n(.*?)```", card, flags=re.S).group(1)
 
 
 def run_card_snippet(code: str, image_path: Path, **names) -> str:
@@ -141,12 +138,12 @@ def test_lora_run_trains_evaluates_predicts_and_writes_its_settings(chat_model, 
     card = (output / "README.md").read_text()
     assert family.label in card and family.model_class.__name__ in card
     assert family.name in ModelCard(card).data.tags
-    assert f"PROMPT = {json.dumps(family.default_prompt)}" in card_snippet(card)
+    assert f"PROMPT = {json.dumps(family.default_prompt)}" in explicit_snippet(card)
 
 
 def test_card_snippet_and_caption_images_reproduce_the_predictions(chat_model, lora_run, tmp_path):
     lines = predictions(lora_run.output)
-    code = card_snippet((lora_run.output / "README.md").read_text())  # rendered for the repo pushed to
+    code = explicit_snippet((lora_run.output / "README.md").read_text())  # rendered for the repo pushed to
     # A phone photo stored sideways (EXIF orientation 6) is captioned upright, as training saw it.
     rotated = [line for line in lines if Image.open(lora_run.data / line["image"]).getexif().get(0x0112, 1) != 1]
     assert rotated
@@ -192,7 +189,7 @@ def test_the_pushed_adapter_names_the_hub_base_and_captions_like_the_local_one(c
     assert settings["base_model"] == base_id and {**settings, "base_model": local["base_model"]} == local
     card = ModelCard.load(download / "README.md")
     assert card.data.base_model == base_id
-    code = card_snippet(card.text)
+    code = explicit_snippet(card.text)
     assert f'MODEL_ID = "{lora_run.repo}"' in code and f'BASE_ID = "{base_id}"' in code
     line = predictions(lora_run.output)[0]
     image = lora_run.data / line["image"]

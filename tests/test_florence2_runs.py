@@ -24,6 +24,7 @@ from captioning.images import load_image
 from captioning.inference import load_captioner
 from merge_adapter import main as merge_main
 from run_captioning import main
+from tests.card_snippets import explicit_snippet
 from tests.conftest import tiny_run_argv
 from tests.photos import write_photos
 from tests.test_hub import client_for
@@ -40,10 +41,6 @@ METRICS = ("bleu_1", "bleu_4", "rouge_l", "cider", "loss")
 
 def _predictions(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
-
-
-def _snippet(card: str) -> str:
-    return re.search(r"## How to use.*?```python\n(.*?)```", card, flags=re.S).group(1)
 
 
 def _run_snippet(code: str, image_path: Path, **names) -> str:
@@ -122,12 +119,12 @@ def test_lora_run_trains_evaluates_predicts_and_writes_its_settings(lora_run):
 
     card = (output / "README.md").read_text()
     assert "Florence-2" in card and "Florence2ForConditionalGeneration" in card
-    assert 'PROMPT = "<CAPTION>"' in _snippet(card)
+    assert 'PROMPT = "<CAPTION>"' in explicit_snippet(card)
 
 
 def test_card_snippet_and_caption_images_reproduce_the_predictions(lora_run, tmp_path):
     lines = _predictions(lora_run.output)
-    code = _snippet((lora_run.output / "README.md").read_text())  # rendered for the repo pushed to
+    code = explicit_snippet((lora_run.output / "README.md").read_text())  # rendered for the repo pushed to
     for line in lines[:2]:
         caption = _run_snippet(code, lora_run.data / line["image"], MODEL_ID=lora_run.output, BASE_ID=lora_run.base)
         assert caption == line["prediction"]
@@ -164,7 +161,7 @@ def test_the_pushed_adapter_names_the_hub_base_and_captions_like_the_local_one(l
     assert json.loads((download / "captioning_config.json").read_text())["caption_prompt"] == "<CAPTION>"
     card = ModelCard.load(download / "README.md")
     assert card.data.base_model == HUB_BASE
-    code = _snippet(card.text)
+    code = explicit_snippet(card.text)
     assert f'MODEL_ID = "{lora_run.repo}"' in code and f'BASE_ID = "{HUB_BASE}"' in code
     line = _predictions(lora_run.output)[0]
     image = lora_run.data / line["image"]

@@ -30,6 +30,7 @@ from captioning.modeling import resolve_lora_targets
 from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
+from tests.card_snippets import explicit_snippet
 from tests.conftest import tiny_run_argv
 from tests.decoder_checks import (
     check_first_token_is_learnt_where_generate_predicts_it,
@@ -353,10 +354,6 @@ def test_with_image_splitting_grouped_loss_and_gradients_equal_ungrouped(tiny_id
 # --- end to end: main() ---------------------------------------------------------------------------------------------
 
 
-def card_snippet(card: str) -> str:
-    return re.search(r"## How to use.*?```python\n(.*?)```", card, flags=re.S).group(1)
-
-
 def run_card_snippet(code: str, image_path: Path) -> dict:
     """The snippet's variables after captioning ``image_path`` (``caption``, ``input_ids``, ...)."""
     code = re.sub(r"^image_path = .*$", f"image_path = {json.dumps(str(image_path))}", code, count=1, flags=re.M)
@@ -400,7 +397,7 @@ def test_lora_run_trains_evaluates_predicts_and_writes_a_card(tiny_idefics3, cap
     assert any(predictions.values())  # trained at a high learning rate: not all empty
     card = (output / "README.md").read_text()
     assert "idefics3" in ModelCard(card).data.tags and "Idefics3" in card
-    code = card_snippet(card)
+    code = explicit_snippet(card)
     assert "Idefics3ForConditionalGeneration" in code
     # caption_images.py's captioner (adapter on its base, the saved processor's image splitting) agrees.
     images = [Image.open(caption_folder / image).convert("RGB") for image in predictions]

@@ -37,6 +37,7 @@ from captioning.plots import load_prediction_samples, plot_samples, plot_trainin
 from captioning.trainer import build_generation_kwargs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
+from tests.card_snippets import explicit_snippet
 from tests.conftest import tiny_run_argv
 
 pytestmark = pytest.mark.slow
@@ -130,10 +131,6 @@ def _read(run, name: str) -> dict:
     return json.loads((run.output / RESULT_FILES.get(name, name)).read_text())
 
 
-def _snippet(text: str) -> str:
-    return re.search(r"## How to use.*?```python\n(.*?)```", text, flags=re.S).group(1)
-
-
 def _run_snippet(code: str, image_path: Path, **ids) -> str:
     code = re.sub(r"^image_path = .*$", f"image_path = {json.dumps(str(image_path))}", code, count=1, flags=re.M)
     for name, value in ids.items():
@@ -152,7 +149,7 @@ def _run_snippet(code: str, image_path: Path, **ids) -> str:
 def test_adapter_card_metadata(adapter_run):
     data = ModelCard.load(adapter_run.output / "README.md").data
     assert data.library_name == "peft"
-    assert data.pipeline_tag == "image-to-text"
+    assert data.pipeline_tag == "image-text-to-text"
     assert "base_model" not in data.to_dict()  # the base is a local folder, not a Hub id
     assert {"image-captioning", "blip", "lora", "peft"} <= set(data.tags)
     assert not any(tag.startswith("base_model:") for tag in data.tags)
@@ -162,7 +159,7 @@ def test_adapter_card_metadata(adapter_run):
 def test_full_fine_tune_card_metadata(full_run):
     data = ModelCard.load(full_run.output / "README.md").data
     assert data.library_name == "transformers"
-    assert data.pipeline_tag == "image-to-text"
+    assert data.pipeline_tag == "image-text-to-text"
     assert "base_model" not in data.to_dict()
     assert "lora" not in data.tags and "peft" not in data.tags
 
@@ -214,7 +211,7 @@ def test_model_index_equals_the_result_files(run_name, request):
         assert set(card) == set(CAPTION_METRICS)
         for metric in CAPTION_METRICS:
             assert card[metric] == expected[prefix + metric], (split, metric)
-        assert all(r.task_type == "image-to-text" for r in results)
+        assert all(r.task_type == "image-text-to-text" for r in results)
 
 
 def test_results_table_shows_baseline_fine_tuned_delta_and_test(adapter_run):
@@ -247,7 +244,7 @@ def test_results_table_without_baseline(full_run):
 @pytest.mark.parametrize("run_name", ["adapter_run", "full_run"])
 def test_snippet_reproduces_the_evaluated_captions(run_name, request):
     run = request.getfixturevalue(run_name)
-    code = _snippet(_text(run))
+    code = explicit_snippet(_text(run))
     assert ("PeftModel.from_pretrained" in code) == (run_name == "adapter_run")
     predictions = [json.loads(line) for line in (run.output / "predictions.jsonl").read_text().splitlines()]
     for row in predictions[:2]:
@@ -266,7 +263,7 @@ def test_snippet_with_hub_ids_runs_once_they_point_at_local_copies(adapter_run, 
         output_dir=adapter_run.output,
         hub_model_id="someone/blip-stickers",
     )
-    code = _snippet(render_model_card(context))
+    code = explicit_snippet(render_model_card(context))
     assert 'MODEL_ID = "someone/blip-stickers"' in code and f'BASE_ID = "{HUB_BASE}"' in code
     image = tmp_path / "green.png"
     Image.new("RGB", (40, 36), (30, 200, 30)).save(image)
@@ -316,7 +313,7 @@ def test_blip2_snippet_captions_like_training(tiny_models, caption_folder, tmp_p
     text = _text(SimpleNamespace(output=output))
     assert "No evaluation was run." in text and ModelCard(text).data.eval_results is None
     assert f"({len(names)} layers)" in _rows(text, "### LoRA and quantization")["Target modules"]
-    assert _run_snippet(_snippet(text), image_path) == expected
+    assert _run_snippet(explicit_snippet(text), image_path) == expected
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -436,7 +433,7 @@ def test_a_card_for_a_push_names_hub_ids_and_what_of_the_data_it_shares(adapter_
     )
     text = render_model_card(context, adapter_run.output)
     local = _text(adapter_run)
-    code = _snippet(text)
+    code = explicit_snippet(text)
     assert 'MODEL_ID = "someone/blip-stickers"' in code and f'BASE_ID = "{HUB_BASE}"' in code
     assert text.count("\n# blip-stickers\n") == 1 and ModelCard(text).data.base_model == HUB_BASE
     folder = adapter_run.data.name  # the local dataset folder: named in the local card only

@@ -30,6 +30,7 @@ from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from merge_adapter import main as merge_main
 from run_captioning import main
+from tests.card_snippets import explicit_snippet
 from tests.conftest import tiny_run_argv
 from tests.decoder_checks import (
     check_first_token_is_learnt_where_generate_predicts_it,
@@ -207,10 +208,6 @@ def test_first_generated_token_is_what_training_teaches_at_the_last_prompt_posit
 # --- end to end: main() ---------------------------------------------------------------------------------------------
 
 
-def card_snippet(card: str) -> str:
-    return re.search(r"## How to use.*?```python\n(.*?)```", card, flags=re.S).group(1)
-
-
 def run_card_snippet(code: str, image_path: Path) -> str:
     code = re.sub(r"^image_path = .*$", f"image_path = {json.dumps(str(image_path))}", code, count=1, flags=re.M)
     namespace: dict = {}
@@ -253,7 +250,7 @@ def test_lora_run_evaluates_predicts_and_writes_a_card_whose_snippet_captions_al
     assert len(predictions) == 3 and all(isinstance(caption, str) for caption in predictions.values())
     card = (output / "README.md").read_text()
     assert "paligemma" in ModelCard(card).data.tags and "PaliGemma" in card
-    code = card_snippet(card)
+    code = explicit_snippet(card)
     assert "token_type_ids=torch.zeros_like(input_ids)" in code
     for image, prediction in list(predictions.items())[:2]:
         assert run_card_snippet(code, caption_folder / image) == prediction

@@ -29,6 +29,7 @@ from captioning.outputs import CAPTIONING_CONFIG
 from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
+from tests.card_snippets import explicit_snippet
 from tests.conftest import make_caption_folder, tiny_run_argv
 from tests.decoder_checks import check_loss_is_next_token_cross_entropy, sharpen
 
@@ -414,10 +415,6 @@ def test_batched_generation_captions_each_image_as_alone(request, fixture, num_b
 SHAPES = [(60, 30), (120, 40), (40, 90), (80, 80)]  # 2, 4, 3 and 9 (Qwen2.5-VL) / 4 (Qwen3-VL) visual tokens
 
 
-def card_snippet(card: str) -> str:
-    return re.search(r"## How to use.*?```python\n(.*?)```", card, flags=re.S).group(1)
-
-
 def run_card_snippet(code: str, image_path: Path) -> str:
     code = re.sub(r"^image_path = .*$", f"image_path = {json.dumps(str(image_path))}", code, count=1, flags=re.M)
     namespace: dict = {}
@@ -471,7 +468,7 @@ def test_lora_run_trains_evaluates_predicts_and_its_card_and_caption_images_repr
     assert len(predictions) == 3 and all(isinstance(caption, str) for caption in predictions.values())
     card = (output / "README.md").read_text()
     assert family.name in ModelCard(card).data.tags and family.model_class.__name__ in card
-    code = card_snippet(card)
+    code = explicit_snippet(card)
     for image, prediction in list(predictions.items())[:2]:
         assert run_card_snippet(code, shaped_caption_folder / image) == prediction
     # caption_images.py (captioning/inference.py's Captioner on the run's folder), all test images in one batch.

@@ -31,13 +31,14 @@ from captioning.modeling import load_model, resolve_lora_targets
 from captioning.trainer import generation_inputs
 from collators import CaptionCollator, build_layout
 from run_captioning import main
+from tests.card_snippets import explicit_snippet
 from tests.conftest import tiny_run_argv
 from tests.decoder_checks import (
     check_first_token_is_learnt_where_generate_predicts_it,
     check_loss_is_next_token_cross_entropy,
     sharpen,
 )
-from tests.test_chat_runs import card_snippet, predictions, run_card_snippet
+from tests.test_chat_runs import predictions, run_card_snippet
 
 NUM_IMAGE_TOKENS = 4  # the tiny checkpoint: (image 32 / patch 8)^2 / scale factor 2^2
 IMAGES = [Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("RGB", (30, 60), (10, 200, 10))]
@@ -435,7 +436,7 @@ def test_an_image_splitting_run_captions_at_inference_as_in_training(tiny_smolvl
     rows = [json.loads(row) for row in captions_file.read_text().splitlines()]
     written = {Path(row["image"]).name: row["caption"] for row in rows}
     assert written == {line["image"]: line["prediction"] for line in lines}
-    code = card_snippet((output / "README.md").read_text())
+    code = explicit_snippet((output / "README.md").read_text())
     for line in lines:
         caption = run_card_snippet(code, data / line["image"], MODEL_ID=output, BASE_ID=tiny_smolvlm_64)
         assert caption == line["prediction"]

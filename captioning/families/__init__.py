@@ -43,6 +43,7 @@ __all__ = [
     "check_config_json",
     "check_image_flags",
     "detect_family",
+    "family_by_name",
 ]
 
 
@@ -56,6 +57,14 @@ def detect_family(config: PretrainedConfig) -> ModelFamily:
         f"--model_name_or_path: model type {getattr(config, 'model_type', None)!r} is not a captioner this tool "
         f"fine-tunes; use one of: {supported}."
     )
+
+
+def family_by_name(name: str) -> ModelFamily:
+    """The family a run's captioning_config.json (``family``) or model card names."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown captioner family {name!r}; known: {', '.join(f.name for f in FAMILIES)}.")
 
 
 def check_config_json(config: dict, source: str = "") -> None:

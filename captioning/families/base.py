@@ -36,6 +36,9 @@ class ModelFamily:
     default_prompt: str = ""  # the caption prompt when --caption_prompt is not given
     # True: build_layout gets the checkpoint's whole processor (image-token count, task prompts), not its tokenizer.
     layout_from_processor: bool = False
+    # True: the generation prompt is a conversation in the checkpoint's chat template (the user sends the image and
+    # the prompt), which is also how the transformers pipeline takes it (captioning/pipeline_usage.py).
+    chat_template: bool = False
     # (config.json as a dict, model path) -> raises for a checkpoint that looks like this family but cannot be loaded
     # (read before AutoConfig, which may fail on it first with a less helpful message).
     check_config_json: Callable[[dict, str], None] | None = None

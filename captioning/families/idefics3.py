@@ -64,6 +64,7 @@ IDEFICS3 = ModelFamily(
     snippet=SNIPPET,
     default_prompt=DEFAULT_PROMPT,
     layout_from_processor=True,
+    chat_template=True,
     # --image_splitting (off unless given, whatever the checkpoint ships), as SmolVLM's: Idefics3's processor cuts
     # tiles and writes their placeholders alike.
     configure_processor=configure_processor,

@@ -48,6 +48,7 @@ QWEN2_5_VL = ModelFamily(
     snippet_generate_kwargs=SNIPPET_GENERATE_KWARGS,
     default_prompt=DEFAULT_PROMPT,
     layout_from_processor=True,
+    chat_template=True,
     configure_processor=partial(configure_processor, label=LABEL),
     image_flags=("min_pixels", "max_pixels"),
     fixed_image_size=False,

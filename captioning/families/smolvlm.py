@@ -232,6 +232,7 @@ SMOLVLM = ModelFamily(
     snippet=SNIPPET,
     default_prompt=DEFAULT_PROMPT,
     layout_from_processor=True,
+    chat_template=True,
     configure_processor=configure_processor,
     image_flags=("image_splitting",),
 )
