@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the run trained on a Hub dataset, off for local data.",
     )
     parser.add_argument(
+        "--push_app",
+        action="store_true",
+        help="Also push a Spaces-ready app.py (a Gradio page captioning with this model through the transformers "
+        "pipeline) and its requirements.txt.",
+    )
+    parser.add_argument(
         "--hub_overwrite_foreign_repo",
         action="store_true",
         help="Push into an existing repo that this tool did not make and that holds other files (refused without).",
@@ -67,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:  # argparse's own error would print them, values (a token after a mistyped flag) included
             raise unknown_flags_error(unknown, parser, "python push_to_hub.py --help")
         # What would be pushed, checked before the Hub is asked anything (a local base without --base_model_id).
-        stage_push(args.output_dir, args.hub_model_id, base_model_id=args.base_model_id, push_samples=args.push_samples)
+        stage_push(
+            args.output_dir,
+            args.hub_model_id,
+            base_model_id=args.base_model_id,
+            push_samples=args.push_samples,
+            push_app=args.push_app,
+        )
         check_push_config(
             True,
             args.hub_model_id,
@@ -81,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             private=args.hub_private_repo,
             base_model_id=args.base_model_id,
             push_samples=args.push_samples,
+            push_app=args.push_app,
             overwrite_foreign_repo=args.hub_overwrite_foreign_repo,
             commit_message=args.commit_message,
         )

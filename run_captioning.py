@@ -115,6 +115,7 @@ def publish(args: Arguments, plan: RunPlan, trainer, record: RunRecord, splits, 
             private=args.training.hub_private_repo is not False,
             base_model_id=args.training.base_model_id,
             push_samples=args.training.push_samples,
+            push_app=args.training.push_app,
             overwrite_foreign_repo=args.training.hub_overwrite_foreign_repo,
         )
 

@@ -423,6 +423,13 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
             "(--dataset_name), off for local data."
         },
     )
+    push_app: bool = field(
+        default=False,
+        metadata={
+            "help": "With --push_to_hub: also push a Spaces-ready app.py (a Gradio page that captions with the "
+            "pushed model through the transformers pipeline) and its requirements.txt."
+        },
+    )
     hub_overwrite_foreign_repo: bool = field(
         default=False,
         metadata={

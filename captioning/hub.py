@@ -35,6 +35,7 @@ from captioning.model_card import (
 )
 from captioning.outputs import CAPTIONING_CONFIG
 from captioning.redaction import TOKEN_PATTERN
+from captioning.space_app import space_files
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,12 @@ class StagedPush:
 
 
 def stage_push(
-    output_dir: str | Path, repo_id: str, *, base_model_id: str | None = None, push_samples: bool | None = None
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    base_model_id: str | None = None,
+    push_samples: bool | None = None,
+    push_app: bool = False,
 ) -> StagedPush:
     """The files of ``output_dir`` as they are published to ``repo_id``, written in memory; output_dir is only read.
 
@@ -248,7 +254,8 @@ def stage_push(
     ``best_model_checkpoint``, data_report.json's image paths), the home folder as ``~``. The model card is rendered
     again for ``repo_id`` (``MODEL_ID``, ``BASE_ID``, no local dataset name, a section saying which dataset-derived
     files are pushed). samples.png, predictions.jsonl and data_report.json go only with ``push_samples`` (None: on
-    for a Hub dataset, off for local data).
+    for a Hub dataset, off for local data). ``push_app`` adds a Spaces-ready app.py and its requirements.txt
+    (captioning/space_app.py).
     """
     output_dir = Path(output_dir)
     names = files_to_push(output_dir)
@@ -268,7 +275,7 @@ def stage_push(
     withheld = [name for name in names if name in DATASET_FILES and name not in shared]
     local = _LocalPaths.of_run(output_dir, base_models, base_model_id, context.data_paths if context else [])
 
-    files: dict[str, bytes | Path] = {}
+    files: dict[str, bytes | Path] = space_files(output_dir, repo_id) if push_app else {}
     for name in names:
         path = output_dir / name
         if name in withheld:
@@ -296,6 +303,7 @@ def push_output_dir(
     private: bool = True,
     base_model_id: str | None = None,
     push_samples: bool | None = None,
+    push_app: bool = False,
     overwrite_foreign_repo: bool = False,
     token: str | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
@@ -318,7 +326,7 @@ def push_output_dir(
     if max_attempts < 1:
         raise ValueError(f"max_attempts {max_attempts}: must be at least 1.")
     output_dir = Path(output_dir)
-    staged = stage_push(output_dir, repo_id, base_model_id=base_model_id, push_samples=push_samples)
+    staged = stage_push(output_dir, repo_id, base_model_id=base_model_id, push_samples=push_samples, push_app=push_app)
     token = token or resolve_token()
     if token is None:
         raise ValueError(_NO_TOKEN)
@@ -356,6 +364,7 @@ def push_output_dir(
         private=private,
         base_model_id=base_model_id,
         push_samples=push_samples,
+        push_app=push_app,
         overwrite_foreign_repo=overwrite_foreign_repo,
     )
     attempt = 0
@@ -388,6 +397,7 @@ def retry_command(
     private: bool = True,
     base_model_id: str | None = None,
     push_samples: bool | None = None,
+    push_app: bool = False,
     overwrite_foreign_repo: bool = False,
 ) -> str:
     """The command line that pushes ``output_dir`` again without retraining, with the same choices."""
@@ -398,6 +408,8 @@ def retry_command(
         command += f" --base_model_id {shlex.quote(base_model_id)}"
     if push_samples is not None:
         command += f" --push_samples {str(push_samples).lower()}"
+    if push_app:
+        command += " --push_app"
     if overwrite_foreign_repo:
         command += " --hub_overwrite_foreign_repo"
     return command
