@@ -11,6 +11,7 @@ import tempfile
 # Caches (datasets, preprocessed images) go to a throw-away home, not the user's: set before any HF import.
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="captioning-tests-hf-home-"))
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -137,6 +138,31 @@ def photo_folder(tmp_path_factory) -> Path:
     """96 real-size photos (500x375 / 640x480 / 375x500 JPEGs, PNGs, EXIF-rotated JPEGs), 3 captions each, in an
     image folder with metadata.jsonl: more training images than one preprocessing task holds, so pools really run."""
     return write_photo_folder(tmp_path_factory.mktemp("photos"), count=96)
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> SimpleNamespace:
+    """The demo at small sizes: demo/build_demo.py's model and sticker data (64 pretraining images, 40 of the
+    domain), and configs/demo.yaml on them for 3 epochs (9 steps) at a learning rate that changes its captions
+    (baseline, eval, predict on its test split)."""
+    from demo.build_demo import main as build_demo
+    from run_captioning import main
+
+    root = tmp_path_factory.mktemp("small-demo")
+    build, output = root / "build", root / "demo"
+    build_demo(["--build_dir", str(build), "--pretrain_images", "64", "--domain_images", "40"])
+    results = main(
+        to_argv(
+            config="configs/demo.yaml",
+            model_name_or_path=build / "model",
+            dataset_dir=build / "data",
+            output_dir=output,
+            num_train_epochs=3,
+            learning_rate=1e-2,
+            compute_meteor=False,
+        )
+    )
+    return SimpleNamespace(build=build, output=output, results=results)
 
 
 def tiny_run_argv(model_dir, data_dir, output_dir, **flags) -> list[str]:

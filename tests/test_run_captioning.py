@@ -189,29 +189,9 @@ def test_best_checkpoint_by_cider_and_early_stopping(tiny_blip, caption_folder, 
     assert state["best_model_checkpoint"].endswith("checkpoint-5")
 
 
-def test_demo_builds_and_runs_with_its_config(tmp_path):
+def test_demo_builds_and_runs_with_its_config(small_demo):
     """The demo's build script and config work together (small sizes here; `make demo` runs the full ones)."""
-    from demo.build_demo import main as build_demo
-
-    build = tmp_path / "build"
-    build_demo(["--build_dir", str(build), "--pretrain_images", "64", "--domain_images", "40"])
+    build, output, results = small_demo.build, small_demo.output, small_demo.results
     assert (build / "model" / "model.safetensors").is_file() and not (build / "pretrain").exists()
-    output = tmp_path / "demo"
-    results = main(
-        [
-            "--config",
-            "configs/demo.yaml",
-            "--model_name_or_path",
-            str(build / "model"),
-            "--dataset_dir",
-            str(build / "data"),
-            "--output_dir",
-            str(output),
-            "--num_train_epochs",
-            "1",
-            "--compute_meteor",
-            "false",
-        ]
-    )
     assert set(results) == {"baseline", "train", "eval", "predict"}
     assert (output / "baseline_results.json").is_file() and (output / "eval_results.json").is_file()
