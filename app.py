@@ -23,7 +23,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from captioning.inference import DTYPES, Captioner, load_captioner, setup_cli_logging
+from captioning.inference import Captioner, add_model_arguments, load_captioner, setup_cli_logging
 
 logger = logging.getLogger("app")
 
@@ -36,14 +36,7 @@ CSS = "#caption textarea, #base-caption textarea {font-size: 1.15rem; line-heigh
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="A training run's output_dir (LoRA adapter or full model), a merged model folder, or a Hub model id.",
-    )
-    parser.add_argument(
-        "--base_model", help="Base model of a LoRA adapter (default: base_model_name_or_path of its adapter_config)."
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -55,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         help="Example images offered on the page (default: the run's test images when its data folder is here).",
     )
-    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: auto, cuda when available).")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="Weights dtype (default: the checkpoint's).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (default: 127.0.0.1, this machine).")
     parser.add_argument("--port", type=int, default=7860, help="Port to serve on (default: 7860).")
     parser.add_argument(

@@ -31,7 +31,13 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from captioning.arguments import GENERATION_FLAGS
-from captioning.inference import DTYPES, FileCaptions, caption_files, load_captioner, setup_cli_logging
+from captioning.inference import (
+    FileCaptions,
+    add_model_arguments,
+    caption_files,
+    load_captioner,
+    setup_cli_logging,
+)
 from captioning.outputs import write_text_atomic
 
 logger = logging.getLogger("caption_images")
@@ -81,15 +87,7 @@ def main(argv: list[str] | None = None) -> FileCaptions:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="A training run's output_dir (LoRA adapter or full model), a merged model folder, or a Hub model id.",
-    )
-    parser.add_argument(
-        "--base_model",
-        help="Base model of a LoRA adapter (default: base_model_name_or_path of its adapter_config.json).",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--images",
         nargs="+",
@@ -112,10 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=16, help="Images per generate call (default: 16).")
     parser.add_argument(
         "--num_workers", type=int, default=2, help="Processes that decode images (default: 2; 0: in this process)."
-    )
-    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: auto, cuda when available).")
-    parser.add_argument(
-        "--dtype", default="auto", choices=DTYPES, help="Weights dtype (default: auto, the checkpoint's)."
     )
     parser.add_argument(
         "--caption_prompt",

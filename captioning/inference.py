@@ -503,6 +503,23 @@ def give_default_permissions(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def add_model_arguments(parser) -> None:
+    """The flags that choose and load a captioner, shared by the command-line tools (caption_images.py, app.py)."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="A training run's output_dir (LoRA adapter or full model), a merged model folder, or a Hub model id.",
+    )
+    parser.add_argument(
+        "--base_model",
+        help="Base model of a LoRA adapter (default: base_model_name_or_path of its adapter_config.json).",
+    )
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: auto, cuda when available).")
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="Weights dtype (default: auto, the checkpoint's)."
+    )
+
+
 def setup_cli_logging(program: str) -> None:
     """Logging for the command-line tools: their own messages and this package's at INFO, libraries at WARNING."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
