@@ -35,6 +35,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers.utils.hub as transformers_hub
 from hub_server import TOKEN, USER, HubServer
 from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -173,6 +174,9 @@ def client_for(server: HubServer, home: Path, token: str | None = TOKEN):
         if token is not None:
             patch.setenv("HF_TOKEN", token)
         patch.setattr(hub, "RETRY_BASE_DELAY_S", 0.0)
+        # transformers keeps one HfApi, made with the endpoint of its first use: an earlier test's server, now gone,
+        # whose connection errors huggingface_hub retries with backoff (minutes) before transformers gives up on it.
+        patch.setattr(transformers_hub, "_hf_api", None)
         yield HfApi(endpoint=server.url, token=TOKEN)
 
 

@@ -132,7 +132,7 @@ def test_a_merged_model_loads_and_captions_the_same(run):
     assert got == expected
 
 
-def test_from_the_hub_the_card_and_the_space_app_caption_as_the_local_run(tiny_idefics3, photos, tmp_path, monkeypatch):
+def test_from_the_hub_the_card_and_the_space_app_caption_as_the_local_run(tiny_idefics3, photos, tmp_path):
     """The base and the adapter pushed with --push_app on a local Hub server: the pushed card's pipeline snippet and
     the pushed Spaces app.py load both by Hub id and caption as caption_images.py does with the local run. Without
     ``processor=`` the pipeline would take the base's processor, which splits images into tiles where the run did
@@ -140,7 +140,6 @@ def test_from_the_hub_the_card_and_the_space_app_caption_as_the_local_run(tiny_i
     base, repo = f"{USER}/tiny-idefics3", f"{USER}/idefics3-captioner"
     images = captioned_photos(photos)
     with HubServer() as server, client_for(server, tmp_path / "hf-home"):
-        monkeypatch.setenv("HF_TOKEN", TOKEN)  # the server's user, for the snippet and the app as written
         api = HfApi(endpoint=server.url, token=TOKEN)
         api.create_repo(base)
         api.upload_folder(repo_id=base, folder_path=str(tiny_idefics3))
