@@ -16,7 +16,8 @@ CONFIG=${1:?usage: sbatch slurm_multinode.sh RUN_CONFIG.yaml OUTPUT_DIR [run_cap
 OUTPUT_DIR=${2:?usage: sbatch slurm_multinode.sh RUN_CONFIG.yaml OUTPUT_DIR [run_captioning flags...]}
 shift 2
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
-MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed, not head: head would stop reading a long node list, and scontrol's SIGPIPE then fails the job (pipefail).
+MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MAIN_PORT=${MAIN_PORT:-29500}
 
 RESUME=""
