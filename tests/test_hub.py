@@ -174,8 +174,9 @@ def client_for(server: HubServer, home: Path, token: str | None = TOKEN):
         if token is not None:
             patch.setenv("HF_TOKEN", token)
         patch.setattr(hub, "RETRY_BASE_DELAY_S", 0.0)
-        # transformers keeps one HfApi, made with the endpoint of its first use: an earlier test's server, now gone,
-        # whose connection errors huggingface_hub retries with backoff (minutes) before transformers gives up on it.
+        # transformers keeps one HfApi with the endpoint of its first use: made by an earlier test, that is
+        # huggingface.co (unreachable here) or another server, now gone; huggingface_hub retries its connection
+        # errors with backoff, for minutes, before transformers gives up on it.
         patch.setattr(transformers_hub, "_hf_api", None)
         yield HfApi(endpoint=server.url, token=TOKEN)
 
