@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 
 # Caches (datasets, preprocessed images) go to a throw-away home, not the user's: set before any HF import.
@@ -163,6 +164,13 @@ def small_demo(tmp_path_factory) -> SimpleNamespace:
         )
     )
     return SimpleNamespace(build=build, output=output, results=results)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a server or a rendezvous a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_run_argv(model_dir, data_dir, output_dir, **flags) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from captioning.arguments import parse_args, to_argv
 from captioning.distributed import MainProcessError, run_on_main
 from captioning.families import BLIP
 from captioning.trainer import CaptioningTrainer
-from tests.conftest import make_caption_folder
+from tests.conftest import free_port, make_caption_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,16 +122,10 @@ def test_a_scoring_failure_of_the_main_process_reaches_the_others(monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_ranks(command: list[str], timeout: float) -> list[tuple[int, str]]:
     """Start ``command`` as rank 0 and rank 1 of a 2-process job; returns (exit code, output) of each. Fails the
     test, killing both process groups, when they are not all done within ``timeout`` seconds."""
-    port = _free_port()
+    port = free_port()
     processes = []
     for rank in (0, 1):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

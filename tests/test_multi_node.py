@@ -1,9 +1,9 @@
 """Several machines, simulated on this one: two ``accelerate launch`` "nodes" of one process each meet on the
-loopback interface (configs/accelerate/multi_node.yaml, c10d rendezvous, gloo on CPU), train with LoRA, evaluate
-and predict. Their metrics and predictions.jsonl are those of one process evaluating the same adapter, and only
-machine rank 0 writes outputs: node 1 gets an output folder of its own, as on machines without a shared disk, and it
-stays empty. configs/accelerate/slurm_multinode.sh runs as sbatch would run it, with a fake ``srun`` that starts its
-command once per node with the environment Slurm gives each, and a fake ``scontrol``."""
+loopback interface (configs/accelerate/multi_node.yaml, c10d rendezvous, gloo on CPU), train with LoRA on real-size
+photos, evaluate and predict. Their metrics and predictions.jsonl are those of one process evaluating the same
+adapter, and only machine rank 0 writes outputs: node 1 gets an output folder of its own, as on machines without a
+shared disk, and it stays empty. configs/accelerate/slurm_multinode.sh runs as sbatch would run it, with a fake
+``srun`` that starts its command once per node with the environment Slurm gives each, and a fake ``scontrol``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_caption_folder
+from tests.conftest import free_port
+from tests.photos import write_photo_folder
 from tests.test_distributed import _env, _flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +31,6 @@ METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "loss")
 OUTPUTS = ("README.md", "adapter_model.safetensors", "predictions.jsonl", "eval_results.json", "trainer_state.json")
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def node_command(rank: int, port: int, flags: list[str]) -> list[str]:
@@ -110,7 +105,7 @@ def assert_same_results(many: Path, single: Path) -> None:
 
 
 def test_two_machines_on_loopback_train_and_score_as_one_process(tiny_blip, tmp_path):
-    data = make_caption_folder(tmp_path / "data", num_images=23, captions_per_image=3)
+    data = write_photo_folder(tmp_path / "data", count=23)  # real-size JPEGs (and PNGs, EXIF-rotated ones)
     main_node, other_node = tmp_path / "node0" / "out", tmp_path / "node1" / "out"
     common = dict(do_train=True, do_eval=True, do_predict=True, eval_strategy="no", save_strategy="no", **TRAINING)
     port = free_port()
@@ -162,7 +157,7 @@ exit 2
 
 
 def test_the_slurm_script_starts_both_nodes_and_the_run_completes(tiny_blip, tmp_path):
-    data = make_caption_folder(tmp_path / "data", num_images=23, captions_per_image=3)
+    data = write_photo_folder(tmp_path / "data", count=23)  # real-size JPEGs (and PNGs, EXIF-rotated ones)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):

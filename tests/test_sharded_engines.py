@@ -1,10 +1,10 @@
 """Sharded engines on CPU processes: configs/accelerate/fsdp.yaml (FSDP2), deepspeed_zero2.yaml and
 deepspeed_zero3.yaml as users launch them, with the command-line overrides a CPU needs (2 processes, no bf16), on the
-tiny BLIP. Full fine-tuning (vision tower frozen) and LoRA train, save checkpoints, resume from one, and evaluate
-(generation with synced processes); each run ends where plain DDP (multi_gpu.yaml) ends on the same steps: metrics
-within 1e-4, and saved weights with the keys and shapes that a one-process load expects (ZeRO-3 LoRA: see its
-test). The DeepSpeed tests are skipped, saying why, where deepspeed is not installed (requirements-dev.txt installs
-it)."""
+tiny BLIP and real-size photos. Full fine-tuning (vision tower frozen) and LoRA train, save checkpoints, resume from
+one, and evaluate (generation with synced processes); each run ends where plain DDP (multi_gpu.yaml) ends on the same
+steps: metrics within 1e-4, and saved weights with the keys and shapes that a one-process load expects (ZeRO-3 LoRA:
+see its test). The DeepSpeed tests are skipped, saying why, where deepspeed is not installed (requirements-dev.txt
+installs it)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import BlipForConditionalGeneration
 
-from tests.conftest import make_caption_folder
+from tests.photos import write_photo_folder
 from tests.test_distributed import _env, _flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def assert_same_metrics(one: Path, other: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_caption_folder(tmp_path_factory.mktemp("sharded-data"), num_images=23, captions_per_image=3)
+    return write_photo_folder(tmp_path_factory.mktemp("sharded-data"), count=23)  # real-size JPEGs and PNGs
 
 
 @pytest.fixture(scope="module")
