@@ -9,11 +9,13 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import yaml
+from accelerate import PartialState
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from captioning.augmentation import AUGMENTATIONS
@@ -374,7 +376,8 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
     - ``dataloader_pin_memory=False`` when no GPU is present (pinning needs one).
     - ``captions_per_image_in_batch=5`` (ours): captions of an image share a batch and a vision pass when the
       vision tower is frozen.
-    - ``use_cpu=True`` when several processes are launched on a machine without GPUs (gloo data parallelism).
+    - ``use_cpu=True`` when several processes are launched on a machine without GPUs (gloo data parallelism); their
+      process group then waits ``--ddp_timeout`` for a silent peer, as on GPUs (transformers applies it on GPUs only).
     - ``load_best_model_at_end`` turns off by itself when ``save_strategy`` or ``eval_strategy`` is ``no``.
     - ``hub_private_repo=True``: a repo created by --push_to_hub is private unless ``--hub_private_repo false``.
     """
@@ -474,6 +477,14 @@ class CaptioningTrainingArguments(Seq2SeqTrainingArguments):
             self.load_best_model_at_end = False  # nothing to pick the best from
         self.do_eval_requested = self.do_eval  # the parent turns do_eval on whenever eval_strategy is not "no"
         super().__post_init__()
+
+    @cached_property
+    def _setup_devices(self):
+        # transformers hands --ddp_timeout to the process group on accelerators only: CPU (gloo) processes would wait
+        # 30 minutes for a hung peer. A group made first is the one the parent's state adopts.
+        if self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=self.ddp_timeout_delta)
+        return super()._setup_devices
 
 
 # The generation flags of CaptioningArguments, in the order cards and configs list them.

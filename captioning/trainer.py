@@ -22,9 +22,9 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.integrations.integration_utils import default_logdir
 from transformers.trainer_utils import EvalLoopOutput, seed_worker
 
-from captioning.checkpoints import rotate_run_checkpoints
+from captioning.checkpoints import latest_complete_checkpoint, rotate_run_checkpoints
 from captioning.data import CaptionImages, CaptionPairs
-from captioning.distributed import run_on_main
+from captioning.distributed import LostProcessesError, lost_contact, lost_contact_message, run_on_main
 from captioning.families import ModelFamily
 from captioning.grouping import ImageGroupedBatchSampler, shared_image_features
 from captioning.layout import IGNORE_INDEX, CaptionLayout
@@ -235,12 +235,26 @@ class CaptioningTrainer(Seq2SeqTrainer):
         self.checkpoint_limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             result = super().train(*args, **kwargs)
+        except Exception as error:
+            if self.args.world_size > 1 and lost_contact(error):
+                raise LostProcessesError(self.lost_contact_message(error)) from error
+            raise
         finally:
             self.args.save_total_limit = self.checkpoint_limit
         best = self.state.best_model_checkpoint
         if self.args.should_save and best is not None and self.checkpoint_limit == 1:
             rotate_run_checkpoints(self.args.output_dir, self.run_id, 1, newest=Path(best), best=best)
         return result
+
+    def lost_contact_message(self, error: BaseException) -> str:
+        return lost_contact_message(
+            error,
+            process=self.args.process_index,
+            processes=self.args.world_size,
+            step=self.state.global_step,
+            timeout_s=self.args.ddp_timeout,
+            checkpoint=latest_complete_checkpoint(self.args.output_dir, self.run_id),
+        )
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
