@@ -11,6 +11,7 @@ uninterrupted run; hung (SIGSTOP), node 0 stops after ``--ddp_timeout``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -93,10 +94,8 @@ def signal_node(node: subprocess.Popen, signum: int) -> None:
         return
     launcher = psutil.Process(node.pid)
     for process in [launcher, *launcher.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended meanwhile
             process.send_signal(signum)
-        except psutil.NoSuchProcess:
-            pass
 
 
 def wait_nodes(processes: list[subprocess.Popen], logs: list[Path], limit_s: float = RUN_LIMIT_S) -> list[int]:
@@ -169,7 +168,6 @@ def test_two_machines_on_loopback_train_and_score_as_one_process(two_machines, p
     alone = tmp_path / "alone"
     evaluate_alone(main_node, photos, alone)
     assert_same_results(main_node, alone)
-
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -255,7 +253,9 @@ def test_a_hung_node_stops_the_other_after_the_ddp_timeout(tiny_blip, photos, tm
         try:
             code = nodes[0].wait(timeout=HUNG_TIMEOUT_S + 60)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"node 0 still waits {HUNG_TIMEOUT_S + 60} s after node 1 hung (--ddp_timeout {HUNG_TIMEOUT_S})")
+            pytest.fail(
+                f"node 0 still waits {HUNG_TIMEOUT_S + 60} s after node 1 hung (--ddp_timeout {HUNG_TIMEOUT_S})"
+            )
         waited = time.monotonic() - stopped_at
     finally:
         for node in nodes:  # the hung node, and node 0 if it still waits
