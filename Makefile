@@ -38,7 +38,7 @@ browser:
 	fi
 
 test: setup browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -36,6 +36,7 @@ from captioning.inference import (
     add_model_arguments,
     caption_files,
     load_captioner,
+    printable_path,
     setup_cli_logging,
 )
 from captioning.outputs import write_text_atomic
@@ -211,7 +212,7 @@ def output_name(path: str, output_format: str) -> str:
     gives with surrogate escapes): csv writes them ``\\xe9``; jsonl keeps them, as JSON escapes (``_json_line``)."""
     if output_format == ".jsonl":
         return path
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return printable_path(path)
 
 
 def _json_line(record: dict) -> str:
@@ -343,7 +344,7 @@ def log_summary(result: FileCaptions, output: Path, skipped_file: Path | None, *
     if skipped_file is None:
         logger.info("Captioned %d images, skipped 0; wrote %s", len(result.captions), output)
         return
-    shown = [image for image, _ in result.skipped[:SKIPPED_SHOWN]]
+    shown = [printable_path(image) for image, _ in result.skipped[:SKIPPED_SHOWN]]
     more = len(result.skipped) - len(shown)
     logger.info(
         "Captioned %d images, skipped %d unreadable (listed in %s): %s%s; wrote %s",

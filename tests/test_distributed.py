@@ -13,6 +13,7 @@ import transformers
 from accelerate.commands.config.config_args import load_config_from_file
 
 from captioning.arguments import to_argv
+from run_captioning import main
 from tests.conftest import make_caption_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,11 @@ def _env():
     return env
 
 
+def evaluate_alone(model: Path, data: Path, output: Path) -> None:
+    """Evaluate and predict with ``model`` in one process (this one: no second start-up of the libraries)."""
+    main(_flags(model, data, output, do_eval=True, do_predict=True))
+
+
 # Per tiny checkpoint (its conftest fixture): training long enough that captions are real words, so equal metrics
 # mean something. A family joins by its fixture's name.
 # BLIP's case is tests/test_multi_node.py: two machines of one process each, compared with one process the same way.
@@ -123,12 +129,7 @@ def test_two_processes_give_the_metrics_of_one(request, fixture, tmp_path):
     # 9 training images x 3 captions = 27 rows; 2 processes x 4 rows a step = 4 steps an epoch (1 process: 7)
     assert state["global_step"] == training["num_train_epochs"] * 4
     one = tmp_path / "one"
-    flags = _flags(two, data, one, do_eval=True, do_predict=True)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run_captioning.py"), *flags],
-        env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    evaluate_alone(two, data, one)
 
     for name, prefix in (("eval_results.json", "eval"), ("predict_results.json", "test")):
         many, single = json.loads((two / name).read_text()), json.loads((one / name).read_text())

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import free_port
 from tests.photos import write_photo_folder
-from tests.test_distributed import _env, _flags
+from tests.test_distributed import _env, _flags, evaluate_alone
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI_NODE = ROOT / "configs" / "accelerate" / "multi_node.yaml"
@@ -113,15 +113,6 @@ def wait_nodes(processes: list[subprocess.Popen], logs: list[Path], limit_s: flo
 
 def run_nodes(commands: list[list[str]], logs: list[Path], port: int) -> list[int]:
     return wait_nodes(start_nodes(commands, logs, port), logs)
-
-
-def evaluate_alone(model: Path, data: Path, output: Path) -> None:
-    flags = _flags(model, data, output, do_eval=True, do_predict=True)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run_captioning.py"), *flags],
-        env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=RUN_LIMIT_S,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def assert_same_results(many: Path, single: Path) -> None:

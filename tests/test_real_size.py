@@ -91,14 +91,6 @@ def test_the_default_run_finishes_on_real_photos(tiny_blip, photo_folder, tmp_pa
     check_outputs(output, log)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(RUN_LIMIT_S + 60)
-def test_the_default_run_finishes_on_real_photos_in_two_processes(tiny_blip, photo_folder, tmp_path):
-    output = tmp_path / "run"
-    log = run_bounded([*TWO_PROCESSES, *job_flags(tiny_blip, photo_folder, output)])
-    check_outputs(output, log)
-
-
 PREPROCESS_AFTER_TORCH = """
 import sys, torch, datasets
 from captioning.image_cache import build_image_cache
@@ -157,14 +149,15 @@ def test_qwen_and_then_scst_finish_on_real_photos_in_two_processes(tiny_qwen2_5_
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_both_stages_and_augmentation_finish_on_real_photos_in_two_processes(tiny_blip, photo_folder, tmp_path):
-    """2 processes, real photos, one command: cross-entropy on cached image features (built by the main process,
-    opened by the other), then --scst_epochs 1 on pixels; then an augmented run (random crops at full resolution,
-    no training cache). Both finish under the bound."""
+    """2 processes, real photos, one command with every preprocessing flag at its default: cross-entropy on cached
+    image features (built by the main process, opened by the other), then --scst_epochs 1 on pixels, evaluation and
+    predictions; then an augmented run (random crops at full resolution, no training cache). Both finish under the
+    bound."""
     both = tmp_path / "both"
-    flags = job_flags(tiny_blip, photo_folder, both) + [
-        "--scst_epochs", "1", "--scst_samples", "3", "--logging_steps", "1", "--do_predict", "false",
-    ]  # fmt: skip
+    stages = ["--scst_epochs", "1", "--scst_samples", "3", "--logging_steps", "1"]
+    flags = job_flags(tiny_blip, photo_folder, both) + stages
     log = run_bounded([*TWO_PROCESSES, *flags])
+    check_outputs(both, log)
     assert "Image features cached" in log and "Stage 2: self-critical training" in log
     history = json.loads((both / "trainer_state.json").read_text())["log_history"]
     assert any("scst_reward" in entry for entry in history)

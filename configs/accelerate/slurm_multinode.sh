@@ -1,8 +1,9 @@
 #!/bin/bash
 # Multi-node fine-tuning on Slurm: one `accelerate launch` per node, c10d rendezvous on the first node.
 #   sbatch configs/accelerate/slurm_multinode.sh configs/blip_base_lora.yaml /scratch/run1 --dataset_dir /data/flickr8k
-# Requeued after a preemption or node failure (sbatch --requeue), the job continues from the last complete
-# checkpoint in the output folder.
+# OUTPUT_DIR must be on a disk every node sees. When a node fails or hangs, the others stop within --ddp_timeout
+# seconds (1800 unless a flag or the config sets it); requeued (sbatch --requeue), the job continues from the last
+# complete checkpoint in the output folder.
 #SBATCH --job-name=blip-caption
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
