@@ -90,7 +90,7 @@ def lost_contact_message(
 ) -> str:
     """What a process that lost contact with the others during training says: which process, when, the collective's
     own words, where the cause is, and how to continue (``checkpoint``: the last complete one, if any)."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
     cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0].rstrip(".")  # gloo's "[file.cc:561] ..." prefix
     if checkpoint is None:
         resume = "No checkpoint was saved completely yet, so the run starts over when run again."

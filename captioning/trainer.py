@@ -237,7 +237,15 @@ class CaptioningTrainer(Seq2SeqTrainer):
             result = super().train(*args, **kwargs)
         except Exception as error:
             if self.args.world_size > 1 and lost_contact(error):
-                raise LostProcessesError(self.lost_contact_message(error)) from error
+                message = lost_contact_message(
+                    error,
+                    process=self.args.process_index,
+                    processes=self.args.world_size,
+                    step=self.state.global_step,
+                    timeout_s=self.args.ddp_timeout,
+                    checkpoint=latest_complete_checkpoint(self.args.output_dir, self.run_id),
+                )
+                raise LostProcessesError(message) from error
             raise
         finally:
             self.args.save_total_limit = self.checkpoint_limit
@@ -245,16 +253,6 @@ class CaptioningTrainer(Seq2SeqTrainer):
         if self.args.should_save and best is not None and self.checkpoint_limit == 1:
             rotate_run_checkpoints(self.args.output_dir, self.run_id, 1, newest=Path(best), best=best)
         return result
-
-    def lost_contact_message(self, error: BaseException) -> str:
-        return lost_contact_message(
-            error,
-            process=self.args.process_index,
-            processes=self.args.world_size,
-            step=self.state.global_step,
-            timeout_s=self.args.ddp_timeout,
-            checkpoint=latest_complete_checkpoint(self.args.output_dir, self.run_id),
-        )
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

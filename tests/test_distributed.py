@@ -48,11 +48,11 @@ def test_engine_configs_cover_every_setup():
     assert "--machine_rank" in slurm.read_text() and "c10d" in slurm.read_text()
 
 
-def _flags(model, data, output, **extra):
-    flags = dict(
+def _settings(model, data, **extra) -> dict:
+    """The flags of the multi-process tests' runs, as a dict (``extra`` overrides or adds)."""
+    settings = dict(
         model_name_or_path=model,
         dataset_dir=data,
-        output_dir=output,
         validation_split_percentage=30,
         test_split_percentage=30,
         per_device_train_batch_size=4,
@@ -62,8 +62,11 @@ def _flags(model, data, output, **extra):
         dataloader_num_workers=0,
         compute_meteor=False,
     )
-    flags.update(extra)
-    return to_argv(**flags)
+    return {**settings, **extra}
+
+
+def _flags(model, data, output, **extra) -> list[str]:
+    return to_argv(**_settings(model, data, output_dir=output, **extra))
 
 
 def _env():

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import free_port
 from tests.photos import write_photo_folder
-from tests.test_distributed import _env, _flags, evaluate_alone
+from tests.test_distributed import _env, _flags, _settings, evaluate_alone
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI_NODE = ROOT / "configs" / "accelerate" / "multi_node.yaml"
@@ -297,29 +297,12 @@ def test_the_slurm_script_starts_both_nodes_and_the_run_completes(tiny_blip, pho
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
     config = tmp_path / "run.yaml"
+    settings = _settings(
+        tiny_blip, data, do_train=True, do_eval=True, do_predict=True, num_train_epochs=1, eval_strategy="no",
+        save_strategy="no", report_to="none",
+    )  # fmt: skip
     config.write_text(
-        "\n".join(
-            f"{key}: {json.dumps(str(value) if isinstance(value, Path) else value)}"
-            for key, value in dict(
-                model_name_or_path=tiny_blip,
-                dataset_dir=data,
-                validation_split_percentage=30,
-                test_split_percentage=30,
-                do_train=True,
-                do_eval=True,
-                do_predict=True,
-                num_train_epochs=1,
-                per_device_train_batch_size=4,
-                per_device_eval_batch_size=2,
-                max_new_tokens=6,
-                dataloader_num_workers=0,
-                compute_meteor=False,
-                eval_strategy="no",
-                save_strategy="no",
-                report_to="none",
-            ).items()
-        )
-        + "\n"
+        "".join(f"{key}: {json.dumps(str(v) if isinstance(v, Path) else v)}\n" for key, v in settings.items())
     )
     output = tmp_path / "out"
     log = tmp_path / "srun.log"
