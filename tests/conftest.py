@@ -3,14 +3,18 @@ real-size photos."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import socket
 import tempfile
 
-# Caches (datasets, preprocessed images) go to a throw-away home, not the user's: set before any HF import.
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="captioning-tests-hf-home-"))
+# Caches (datasets, preprocessed images) go to a throw-away home, not the user's: set before any HF import, and
+# removed when the session (each xdist worker's) ends.
+if "HF_HOME" not in os.environ:
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="captioning-tests-hf-home-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 from pathlib import Path
 from types import SimpleNamespace
 
